@@ -1,0 +1,18 @@
+//! The mesh's config API: resource types (`networking.mesh.dev/v1`,
+//! `security.mesh.dev/v1`), reading them from YAML, conversion from Istio's
+//! apiVersions and legacy RouteRules, validation, and the CRDs.
+
+pub mod analysis;
+pub mod convert;
+pub mod crd;
+pub mod duration;
+pub mod legacy;
+pub mod load;
+pub mod networking;
+pub mod resource;
+pub mod security;
+pub mod selector;
+pub mod validate;
+
+pub use duration::Duration;
+pub use resource::{Kind, Resource, ResourceKey};

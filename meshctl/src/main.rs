@@ -1,0 +1,203 @@
+//! `meshctl`: the mesh's command-line tool.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use mesh_api::analysis::{self, Source};
+use mesh_api::convert::{Output, convert};
+
+#[derive(Parser)]
+#[command(
+    name = "meshctl",
+    version = env!("CARGO_PKG_VERSION"),
+    about = "Install, configure and inspect the mesh",
+    long_about = "Install, configure and inspect the mesh.\n\n\
+        Config files may use the mesh's apiVersions (networking.mesh.dev/v1, \
+        security.mesh.dev/v1), Istio's (networking.istio.io/*, security.istio.io/*) \
+        or the legacy config.istio.io/v1alpha2 RouteRule.",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check config files for errors before applying them.
+    ///
+    /// Reads multi-document YAML, converts Istio and legacy resources, and
+    /// reports every problem with its file, line and field path: invalid
+    /// fields, weights that do not add up, regexes that do not compile,
+    /// subsets no DestinationRule defines, gateways that do not exist,
+    /// conflicting resources. Exits 0 when there is no error, 1 otherwise.
+    Analyze {
+        /// A file, a directory (read recursively) or `-` for stdin; repeatable.
+        #[arg(
+            short = 'f',
+            long = "filename",
+            required = true,
+            value_name = "FILE|DIR|-"
+        )]
+        files: Vec<PathBuf>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
+        output: Format,
+    },
+    /// Rewrite Istio config as the mesh's, keeping document order.
+    ///
+    /// Istio resources get the mesh's apiVersion; legacy RouteRules become a
+    /// VirtualService and DestinationRule per destination; anything else is
+    /// printed unchanged. Notes go to stderr.
+    Convert {
+        /// A file, a directory (read recursively) or `-` for stdin; repeatable.
+        #[arg(
+            short = 'f',
+            long = "filename",
+            required = true,
+            value_name = "FILE|DIR|-"
+        )]
+        files: Vec<PathBuf>,
+    },
+    /// Print the version.
+    Version {
+        /// Print only the version number.
+        #[arg(long)]
+        short: bool,
+    },
+    /// Print a shell completion script.
+    ///
+    /// For example: `meshctl completion bash > /etc/bash_completion.d/meshctl`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>> {
+    let mut sources = Vec::new();
+    for path in paths {
+        if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading stdin")?;
+            sources.push(Source {
+                name: "-".to_string(),
+                text,
+            });
+        } else {
+            sources.extend(
+                analysis::read_path(path).with_context(|| format!("reading {}", path.display()))?,
+            );
+        }
+    }
+    Ok(sources)
+}
+
+fn analyze(files: &[PathBuf], output: Format) -> Result<ExitCode> {
+    let sources = read_sources(files)?;
+    let result = analysis::analyze(analysis::parse_sources(&sources));
+    let mut out = std::io::stdout().lock();
+    match output {
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut out, &result.findings)?;
+            writeln!(out)?;
+        }
+        Format::Text => {
+            for f in &result.findings {
+                writeln!(out, "{f}")?;
+            }
+            let errors = result.errors();
+            let warnings = result.findings.len() - errors;
+            if result.findings.is_empty() {
+                eprintln!(
+                    "no problems found in {} resource(s) from {} file(s)",
+                    result.resources.len(),
+                    sources.len()
+                );
+            } else {
+                eprintln!("{errors} error(s), {warnings} warning(s)");
+            }
+        }
+    }
+    Ok(if result.errors() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn convert_cmd(files: &[PathBuf]) -> Result<ExitCode> {
+    let sources = read_sources(files)?;
+    let (docs, warnings) = convert(analysis::parse_sources(&sources));
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut failed = false;
+    let mut out = std::io::stdout().lock();
+    let mut first = true;
+    for doc in docs {
+        let yaml = match doc.item {
+            Output::Resource(r) => serde_yaml::to_string(&r)?,
+            Output::Other(v) => serde_yaml::to_string(&v)?,
+            Output::Invalid(e) => {
+                eprintln!("error: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        if !first {
+            writeln!(out, "---")?;
+        }
+        first = false;
+        out.write_all(yaml.as_bytes())?;
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Analyze { files, output } => analyze(&files, output),
+        Command::Convert { files } => convert_cmd(&files),
+        Command::Version { short } => {
+            if short {
+                println!("{}", env!("CARGO_PKG_VERSION"));
+            } else {
+                println!("meshctl version {}", env!("CARGO_PKG_VERSION"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "meshctl",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
