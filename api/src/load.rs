@@ -193,29 +193,43 @@ fn has_content(doc: &str) -> bool {
     })
 }
 
-/// Turns a serde_yaml error into one located in the whole file.
+/// Turns a serde_yaml error into one located in the whole file. Positions
+/// inside the message (libyaml's "while parsing … at line N") are shifted
+/// too, and the one repeating the error's own position is dropped.
 fn located(file: &str, first_line: usize, err: &serde_yaml::Error) -> LoadError {
-    let text = err.to_string();
-    match err.location() {
-        Some(loc) => {
-            let message = match text.rfind(" at line ") {
-                Some(i) => text[..i].to_string(),
-                None => text,
-            };
-            LoadError {
-                file: file.to_string(),
-                line: first_line + loc.line() - 1,
-                column: loc.column(),
-                message,
-            }
-        }
-        None => LoadError {
-            file: file.to_string(),
-            line: first_line,
-            column: 1,
-            message: text,
-        },
+    let (line, column) = err
+        .location()
+        .map_or((first_line, 1), |l| (first_line + l.line() - 1, l.column()));
+    let shifted = shift_lines(&err.to_string(), first_line - 1);
+    let own = format!(" at line {line} column {column}");
+    let message = match shifted.rfind(&own) {
+        Some(i) => format!("{}{}", &shifted[..i], &shifted[i + own.len()..]),
+        None => shifted,
+    };
+    LoadError {
+        file: file.to_string(),
+        line,
+        column,
+        message,
     }
+}
+
+/// Adds `offset` to every "line N" in `text`.
+fn shift_lines(text: &str, offset: usize) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("line ") {
+        out.push_str(&rest[..i + 5]);
+        rest = &rest[i + 5..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        match rest[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + offset).to_string()),
+            Err(_) => out.push_str(&rest[..digits]),
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[derive(Deserialize)]
@@ -322,9 +336,10 @@ mod tests {
         let text = "# header\n---\na: 1\n---\n\n# only a comment\n---\nb: 2\nc: |\n  x\n...\n";
         let docs = split_documents(text);
         assert_eq!(docs.len(), 2);
-        assert_eq!(docs[0].0, 2);
-        assert!(docs[0].1.contains("a: 1"));
-        assert_eq!(docs[1].0, 7);
+        // Each document points at its first line of content.
+        assert_eq!(docs[0].0, 3);
+        assert!(docs[0].1.starts_with("a: 1"));
+        assert_eq!(docs[1].0, 8);
     }
 
     #[test]

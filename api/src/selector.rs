@@ -87,6 +87,6 @@ impl JsonSchema for PortKey {
         true
     }
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({ "type": "string", "pattern": "^[0-9]+$" })
+        json_schema!({ "type": "string" })
     }
 }

@@ -239,11 +239,14 @@ fn one_line(s: &str) -> String {
 }
 
 /// Compiles a user regex the way the proxy will: RE2 syntax, whole-string
-/// match, bounded size.
+/// match, bounded size. Errors quote the user's pattern, not the anchors.
 pub fn compile_regex(re: &str) -> Result<regex::Regex, regex::Error> {
-    regex::RegexBuilder::new(&format!("^(?:{re})$"))
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build()
+    let build = |pattern: &str| {
+        regex::RegexBuilder::new(pattern)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+    };
+    build(&format!("^(?:{re})$")).map_err(|e| build(re).err().unwrap_or(e))
 }
 
 /// RFC 7230 token (header names, methods).
