@@ -8,6 +8,7 @@ pub mod crd;
 pub mod duration;
 pub mod legacy;
 pub mod load;
+pub mod model;
 pub mod networking;
 pub mod resource;
 pub mod security;

@@ -1,0 +1,130 @@
+//! The one body type of the data path: generated, buffered, or streamed
+//! from a peer, without boxing.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// Runs when a streamed body ends or is dropped, told how many bytes passed
+/// and whether the stream completed.
+pub trait OnEnd: Send + Sync {
+    fn on_end(&mut self, bytes: u64, completed: bool);
+}
+
+pub enum Body {
+    Empty,
+    Full(Option<Bytes>),
+    Stream {
+        inner: Incoming,
+        bytes: u64,
+        done: bool,
+        on_end: Option<Box<dyn OnEnd>>,
+    },
+}
+
+impl Body {
+    pub fn empty() -> Body {
+        Body::Empty
+    }
+
+    pub fn full(b: impl Into<Bytes>) -> Body {
+        let b = b.into();
+        if b.is_empty() {
+            Body::Empty
+        } else {
+            Body::Full(Some(b))
+        }
+    }
+
+    pub fn stream(inner: Incoming) -> Body {
+        Body::Stream {
+            inner,
+            bytes: 0,
+            done: false,
+            on_end: None,
+        }
+    }
+
+    /// A streamed body that calls `on_end` when it finishes or is dropped.
+    pub fn stream_with(inner: Incoming, on_end: Box<dyn OnEnd>) -> Body {
+        Body::Stream {
+            inner,
+            bytes: 0,
+            done: false,
+            on_end: Some(on_end),
+        }
+    }
+
+    fn finish(&mut self, completed: bool) {
+        if let Body::Stream {
+            bytes,
+            done,
+            on_end,
+            ..
+        } = self
+        {
+            *done = true;
+            if let Some(mut f) = on_end.take() {
+                f.on_end(*bytes, completed);
+            }
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        // hyper may stop polling once the body says it has ended.
+        let completed =
+            matches!(self, Body::Stream { inner, .. } if http_body::Body::is_end_stream(inner));
+        self.finish(completed);
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        match this {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Stream { inner, bytes, .. } => {
+                let res = Pin::new(inner).poll_frame(cx);
+                match &res {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            *bytes += d.len() as u64;
+                        }
+                    }
+                    Poll::Ready(None) => this.finish(true),
+                    Poll::Ready(Some(Err(_))) => this.finish(false),
+                    Poll::Pending => {}
+                }
+                res
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Full(b) => b.is_none(),
+            Body::Stream { inner, done, .. } => *done || inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Empty => SizeHint::with_exact(0),
+            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}

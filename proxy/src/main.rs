@@ -1,0 +1,224 @@
+//! `mesh-proxy`: run the data plane, or (`mesh-proxy init`) install the
+//! iptables capture in a pod's network namespace.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_proxy::{Addrs, ConnSettings, Proxy, admin, init};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Exit status for invalid configuration (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-proxy",
+    version,
+    about = "The mesh's data-plane proxy",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the iptables rules that redirect the pod's traffic to the
+    /// proxy (run by the injected init container).
+    Init(init::InitArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Transparent capture (outbound 15001, inbound 15006).
+    Sidecar,
+    /// Listen on the ports of the config's gateway listeners.
+    Gateway,
+    /// An HTTP proxy the app uses via HTTP_PROXY, plus inbound.
+    Explicit,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The proxy config (YAML or JSON), reloaded when it changes.
+    #[arg(long, env = "MESH_PROXY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Mode::Sidecar)]
+    mode: Mode,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    #[arg(long, default_value = "0.0.0.0:15001")]
+    outbound_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    inbound_addr: SocketAddr,
+    /// The explicit HTTP proxy (explicit mode).
+    #[arg(long, default_value = "127.0.0.1:15080")]
+    explicit_addr: SocketAddr,
+    /// Address gateway ports bind on (gateway mode).
+    #[arg(long, default_value = "0.0.0.0")]
+    gateway_bind: IpAddr,
+    /// The Gateways (`namespace/name`) this gateway serves, for
+    /// VirtualService `gateways` matches; repeatable.
+    #[arg(long = "gateway-name")]
+    gateway_names: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    ready_addr: SocketAddr,
+    /// How long a SIGTERM drain waits for in-flight requests.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// How long to wait for a client's first bytes to detect its protocol.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    detect_timeout: Duration,
+    /// How often the config file is checked for changes.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    reload_interval: Duration,
+    /// Log format; the filter comes from MESH_LOG (default "info").
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    mesh_api::Duration::parse(s)
+        .map(|d| d.as_std())
+        .map_err(|e| e.to_string())
+}
+
+fn init_logging(format: LogFormat) -> admin::LogControl {
+    let filter = EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json())
+            .init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
+    }
+    Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("invalid filter {level:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Init(args)) = cli.command {
+        return match init::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-proxy init: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
+    let args = cli.run;
+    let log = init_logging(args.log_format);
+    let initial = match &args.config {
+        Some(path) => match mesh_proxy::read_config(path) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("mesh-proxy: invalid config: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => None,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.concurrency.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mesh-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let proxy = Arc::new(Proxy::new(args.gateway_names.clone()));
+        if let Some(cfg) = initial
+            && let Err(e) = proxy.apply(cfg)
+        {
+            eprintln!("mesh-proxy: invalid config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        let addrs = Addrs {
+            outbound: (args.mode == Mode::Sidecar).then_some(args.outbound_addr),
+            inbound: (args.mode != Mode::Gateway).then_some(args.inbound_addr),
+            explicit: (args.mode == Mode::Explicit).then_some(args.explicit_addr),
+            gateway_bind: (args.mode == Mode::Gateway).then_some(args.gateway_bind),
+            admin: Some(args.admin_addr),
+            metrics: Some(args.metrics_addr),
+            ready: Some(args.ready_addr),
+        };
+        let settings = ConnSettings {
+            detect_timeout: args.detect_timeout,
+            ..ConnSettings::default()
+        };
+        let running = match mesh_proxy::start(proxy, addrs, settings, Some(log)).await {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                eprintln!("mesh-proxy: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for (what, a) in [
+            ("outbound", running.outbound),
+            ("inbound", running.inbound),
+            ("explicit", running.explicit),
+            ("admin", running.admin),
+            ("metrics", running.metrics),
+            ("ready", running.ready),
+        ] {
+            if let Some(a) = a {
+                tracing::info!(listener = what, addr = %a, "listening");
+            }
+        }
+        if let Some(path) = args.config.clone() {
+            tokio::spawn(mesh_proxy::watch_file(
+                running.clone(),
+                path,
+                args.reload_interval,
+            ));
+        }
+        wait_for_signal().await;
+        tracing::info!(deadline = ?args.drain_timeout, "draining");
+        running.drain(args.drain_timeout).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,329 @@
+//! Istio's standard metrics, with their exact names, labels and buckets, so
+//! existing Prometheus, Grafana and Kiali setups work unchanged.
+//!
+//! Each proxy has its own recorder (not the process-global one) and caches
+//! the metric handles per label set: after the first request of a kind, a
+//! request costs one map lookup and a few atomic adds.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::cluster::EndpointMeta;
+use crate::state::WorkloadMeta;
+
+/// Istio's buckets for `istio_request_duration_milliseconds`.
+pub const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's buckets for `istio_request_bytes` and `istio_response_bytes`.
+pub const BYTES_BUCKETS: [f64; 9] = [
+    1.0,
+    10.0,
+    100.0,
+    1000.0,
+    10000.0,
+    100000.0,
+    1000000.0,
+    10000000.0,
+    100000000.0,
+];
+
+const META: Metadata<'static> = Metadata::new("mesh_proxy", Level::INFO, None);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    /// Outbound: this proxy sends the request.
+    Source,
+    /// Inbound: this proxy receives it for its workload.
+    Destination,
+}
+
+impl Reporter {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+}
+
+/// The peer of a request or connection, as metrics describe it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub workload: Arc<str>,
+    pub namespace: Arc<str>,
+    pub app: Arc<str>,
+    pub version: Arc<str>,
+    pub principal: Arc<str>,
+}
+
+impl Peer {
+    pub fn unknown() -> Peer {
+        let u: Arc<str> = "unknown".into();
+        Peer {
+            workload: u.clone(),
+            namespace: u.clone(),
+            app: u.clone(),
+            version: u.clone(),
+            principal: u,
+        }
+    }
+
+    pub fn from_endpoint(m: &EndpointMeta) -> Peer {
+        let u = Peer::unknown();
+        let pick = |v: &Arc<str>, d: &Arc<str>| if v.is_empty() { d.clone() } else { v.clone() };
+        Peer {
+            workload: pick(&m.workload, &u.workload),
+            namespace: pick(&m.namespace, &u.namespace),
+            app: pick(&m.app, &u.app),
+            version: pick(&m.version, &u.version),
+            principal: u.principal,
+        }
+    }
+
+    pub fn from_workload(w: &WorkloadMeta) -> Peer {
+        Peer {
+            workload: w.name.clone(),
+            namespace: w.namespace.clone(),
+            app: w.app.clone(),
+            version: w.version.clone(),
+            principal: w.principal.clone(),
+        }
+    }
+}
+
+/// The labels of one request series.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RequestLabels {
+    pub reporter: Reporter,
+    pub source: Peer,
+    pub destination: Peer,
+    pub destination_service: Arc<str>,
+    pub protocol: &'static str,
+    pub response_code: u16,
+    pub grpc_status: Option<u32>,
+    pub response_flags: &'static str,
+    pub mtls: bool,
+}
+
+struct RequestHandles {
+    total: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TcpLabels {
+    pub reporter: Reporter,
+    pub source: Peer,
+    pub destination: Peer,
+    pub destination_service: Arc<str>,
+    pub response_flags: &'static str,
+    pub mtls: bool,
+}
+
+pub struct TcpHandles {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub sent: Counter,
+    pub received: Counter,
+}
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    requests: Mutex<HashMap<RequestLabels, Arc<RequestHandles>>>,
+    tcp: Mutex<HashMap<TcpLabels, Arc<TcpHandles>>>,
+    pub config_version: Gauge,
+    pub config_applied: Counter,
+    pub config_rejected: Counter,
+    pub downstream_connections: Gauge,
+}
+
+fn peer_labels(prefix: &'static str, p: &Peer, out: &mut Vec<Label>) {
+    let (w, ns, pr, app, ver, cs, cr, cl) = match prefix {
+        "source" => (
+            "source_workload",
+            "source_workload_namespace",
+            "source_principal",
+            "source_app",
+            "source_version",
+            "source_canonical_service",
+            "source_canonical_revision",
+            "source_cluster",
+        ),
+        _ => (
+            "destination_workload",
+            "destination_workload_namespace",
+            "destination_principal",
+            "destination_app",
+            "destination_version",
+            "destination_canonical_service",
+            "destination_canonical_revision",
+            "destination_cluster",
+        ),
+    };
+    out.push(Label::new(w, p.workload.clone()));
+    out.push(Label::new(ns, p.namespace.clone()));
+    out.push(Label::new(pr, p.principal.clone()));
+    out.push(Label::new(app, p.app.clone()));
+    out.push(Label::new(ver, p.version.clone()));
+    out.push(Label::new(cs, p.app.clone()));
+    out.push(Label::new(cr, p.version.clone()));
+    out.push(Label::new(cl, "Kubernetes"));
+}
+
+fn service_labels(service: &Arc<str>, out: &mut Vec<Label>) {
+    let mut parts = service.split('.');
+    let name = parts.next().unwrap_or("unknown").to_string();
+    let ns = parts.next().unwrap_or("unknown").to_string();
+    out.push(Label::new("destination_service", service.clone()));
+    out.push(Label::new("destination_service_name", name));
+    out.push(Label::new("destination_service_namespace", ns));
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("istio_request_duration_milliseconds".into()),
+                &DURATION_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("istio_request_bytes".into()),
+                    &BYTES_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("istio_response_bytes".into()),
+                    &BYTES_BUCKETS,
+                )
+            })
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let gauge = |name: &'static str| recorder.register_gauge(&Key::from_name(name), &META);
+        let counter = |name: &'static str| recorder.register_counter(&Key::from_name(name), &META);
+        Metrics {
+            config_version: gauge("mesh_proxy_config_last_applied_timestamp_seconds"),
+            config_applied: counter("mesh_proxy_config_applied_total"),
+            config_rejected: counter("mesh_proxy_config_rejected_total"),
+            downstream_connections: gauge("mesh_proxy_downstream_connections"),
+            recorder,
+            handle,
+            requests: Mutex::new(HashMap::new()),
+            tcp: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    fn request_handles(&self, l: &RequestLabels) -> Arc<RequestHandles> {
+        let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = map.get(l) {
+            return h.clone();
+        }
+        let mut labels = Vec::with_capacity(28);
+        labels.push(Label::new("reporter", l.reporter.as_str()));
+        peer_labels("source", &l.source, &mut labels);
+        peer_labels("destination", &l.destination, &mut labels);
+        service_labels(&l.destination_service, &mut labels);
+        labels.push(Label::new("request_protocol", l.protocol));
+        labels.push(Label::new("response_code", l.response_code.to_string()));
+        labels.push(Label::new(
+            "grpc_response_status",
+            l.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
+        ));
+        labels.push(Label::new("response_flags", l.response_flags));
+        labels.push(Label::new(
+            "connection_security_policy",
+            if l.mtls { "mutual_tls" } else { "none" },
+        ));
+        let key = |name: &'static str| Key::from_parts(name, labels.clone());
+        let h = Arc::new(RequestHandles {
+            total: self
+                .recorder
+                .register_counter(&key("istio_requests_total"), &META),
+            duration: self
+                .recorder
+                .register_histogram(&key("istio_request_duration_milliseconds"), &META),
+            request_bytes: self
+                .recorder
+                .register_histogram(&key("istio_request_bytes"), &META),
+            response_bytes: self
+                .recorder
+                .register_histogram(&key("istio_response_bytes"), &META),
+        });
+        map.insert(l.clone(), h.clone());
+        h
+    }
+
+    /// Records one finished request.
+    pub fn request(
+        &self,
+        l: &RequestLabels,
+        duration: Duration,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        let h = self.request_handles(l);
+        h.total.increment(1);
+        h.duration.record(duration.as_secs_f64() * 1000.0);
+        h.request_bytes.record(request_bytes as f64);
+        h.response_bytes.record(response_bytes as f64);
+    }
+
+    pub fn tcp(&self, l: &TcpLabels) -> Arc<TcpHandles> {
+        let mut map = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = map.get(l) {
+            return h.clone();
+        }
+        let mut labels = Vec::with_capacity(24);
+        labels.push(Label::new("reporter", l.reporter.as_str()));
+        peer_labels("source", &l.source, &mut labels);
+        peer_labels("destination", &l.destination, &mut labels);
+        service_labels(&l.destination_service, &mut labels);
+        labels.push(Label::new("request_protocol", "tcp"));
+        labels.push(Label::new("response_flags", l.response_flags));
+        labels.push(Label::new(
+            "connection_security_policy",
+            if l.mtls { "mutual_tls" } else { "none" },
+        ));
+        let key = |name: &'static str| Key::from_parts(name, labels.clone());
+        let h = Arc::new(TcpHandles {
+            opened: self
+                .recorder
+                .register_counter(&key("istio_tcp_connections_opened_total"), &META),
+            closed: self
+                .recorder
+                .register_counter(&key("istio_tcp_connections_closed_total"), &META),
+            sent: self
+                .recorder
+                .register_counter(&key("istio_tcp_sent_bytes_total"), &META),
+            received: self
+                .recorder
+                .register_counter(&key("istio_tcp_received_bytes_total"), &META),
+        });
+        map.insert(l.clone(), h.clone());
+        h
+    }
+}
