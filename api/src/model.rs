@@ -150,6 +150,8 @@ pub struct Route {
     /// OR-ed; empty matches everything.
     #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
     pub match_: Vec<HttpMatchRequest>,
+    /// `{forward: [...]}`, `{redirect: {...}}` or `{directResponse: {...}}`.
+    #[serde(with = "serde_yaml::with::singleton_map")]
     pub action: RouteAction,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<HttpRewrite>,

@@ -17,7 +17,14 @@ pub trait OnEnd: Send + Sync {
 pub enum Body {
     Empty,
     Full(Option<Bytes>),
+    /// Buffered data followed by trailers (gRPC, chunked trailers).
+    WithTrailers {
+        data: Option<Bytes>,
+        trailers: Option<http::HeaderMap>,
+    },
     Stream {
+        /// Bytes already read from `inner`, sent first.
+        prefix: Option<Bytes>,
         inner: Incoming,
         bytes: u64,
         done: bool,
@@ -41,6 +48,7 @@ impl Body {
 
     pub fn stream(inner: Incoming) -> Body {
         Body::Stream {
+            prefix: None,
             inner,
             bytes: 0,
             done: false,
@@ -51,10 +59,33 @@ impl Body {
     /// A streamed body that calls `on_end` when it finishes or is dropped.
     pub fn stream_with(inner: Incoming, on_end: Box<dyn OnEnd>) -> Body {
         Body::Stream {
+            prefix: None,
             inner,
             bytes: 0,
             done: false,
             on_end: Some(on_end),
+        }
+    }
+
+    /// `prefix`, then the rest of `inner`.
+    pub fn prefixed(prefix: Bytes, inner: Incoming) -> Body {
+        Body::Stream {
+            prefix: Some(prefix),
+            inner,
+            bytes: 0,
+            done: false,
+            on_end: None,
+        }
+    }
+
+    /// Buffered data and trailers.
+    pub fn with_trailers(data: Bytes, trailers: Option<http::HeaderMap>) -> Body {
+        if trailers.is_none() {
+            return Body::full(data);
+        }
+        Body::WithTrailers {
+            data: (!data.is_empty()).then_some(data),
+            trailers,
         }
     }
 
@@ -95,6 +126,19 @@ impl http_body::Body for Body {
         match this {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::WithTrailers { data, trailers } => match data.take() {
+                Some(d) => Poll::Ready(Some(Ok(Frame::data(d)))),
+                None => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            },
+            Body::Stream {
+                prefix: prefix @ Some(_),
+                bytes,
+                ..
+            } => {
+                let p = prefix.take().unwrap_or_default();
+                *bytes += p.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(p))))
+            }
             Body::Stream { inner, bytes, .. } => {
                 let res = Pin::new(inner).poll_frame(cx);
                 match &res {
@@ -116,7 +160,13 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
-            Body::Stream { inner, done, .. } => *done || inner.is_end_stream(),
+            Body::WithTrailers { data, trailers } => data.is_none() && trailers.is_none(),
+            Body::Stream {
+                prefix,
+                inner,
+                done,
+                ..
+            } => prefix.is_none() && (*done || inner.is_end_stream()),
         }
     }
 
@@ -124,6 +174,10 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::WithTrailers { .. } => SizeHint::default(),
+            Body::Stream {
+                prefix: Some(_), ..
+            } => SizeHint::default(),
             Body::Stream { inner, .. } => inner.size_hint(),
         }
     }

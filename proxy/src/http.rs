@@ -638,14 +638,46 @@ struct Outgoing {
     headers: HeaderMap,
     /// `Some` when the body is buffered and can be sent again.
     replay: Option<Bytes>,
-    streamed: Option<Incoming>,
+    replay_trailers: Option<HeaderMap>,
+    /// A body too large to buffer: what was read of it, and the rest.
+    streamed: Option<(Option<Bytes>, Incoming)>,
+}
+
+enum Read {
+    Whole(Bytes, Option<HeaderMap>),
+    Stream(Option<Bytes>, Incoming),
+}
+
+/// Reads a body of unknown length up to [`REPLAY_LIMIT`]: all of it, or
+/// what was read and the rest. `Err` when the body is malformed.
+async fn read_prefix(mut body: Incoming) -> Result<Read, ()> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(Read::Whole(buf.freeze(), None)),
+            Some(Err(_)) => return Err(()),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) => {
+                    buf.extend_from_slice(&d);
+                    if buf.len() as u64 > REPLAY_LIMIT {
+                        return Ok(Read::Stream(Some(buf.freeze()), body));
+                    }
+                }
+                Err(frame) => {
+                    // Trailers end the body.
+                    return Ok(Read::Whole(buf.freeze(), frame.into_trailers().ok()));
+                }
+            },
+        }
+    }
 }
 
 impl Outgoing {
     fn build(&mut self, h2: bool, endpoint: SocketAddr) -> Request<Body> {
         let body = match (&self.replay, self.streamed.take()) {
-            (Some(b), _) => Body::full(b.clone()),
-            (None, Some(s)) => Body::stream(s),
+            (Some(b), _) => Body::with_trailers(b.clone(), self.replay_trailers.clone()),
+            (None, Some((Some(prefix), rest))) => Body::prefixed(prefix, rest),
+            (None, Some((None, rest))) => Body::stream(rest),
             (None, None) => Body::empty(),
         };
         let mut req = Request::new(body);
@@ -733,19 +765,28 @@ async fn forward(
     }
     let want_replay = !upgrade && (retry.attempts > 0 || !mirrors.is_empty());
     let len = body.size_hint().exact();
-    let (replay, streamed, request_bytes) = if body.is_end_stream() {
-        (Some(Bytes::new()), None, 0)
-    } else if want_replay && len.is_some_and(|l| l <= REPLAY_LIMIT) {
-        match body.collect().await {
-            Ok(c) => {
-                let b = c.to_bytes();
-                let n = b.len() as u64;
-                (Some(b), None, n)
-            }
-            Err(_) => return generated(Reason::BadRequest),
-        }
+    let read = if body.is_end_stream() {
+        Read::Whole(Bytes::new(), None)
+    } else if len.is_some_and(|l| l > REPLAY_LIMIT) || (len.is_some() && !want_replay) || upgrade {
+        // Known length, checked by the server already: stream it.
+        Read::Stream(None, body)
     } else {
-        (None, Some(body), len.unwrap_or(0))
+        // Unknown length (chunked, HTTP/2): read up to the limit before
+        // connecting, so a malformed body never reaches the upstream.
+        match read_prefix(body).await {
+            Ok(r) => r,
+            Err(()) => return generated(Reason::BadRequest),
+        }
+    };
+    let (replay, replay_trailers, streamed, request_bytes) = match read {
+        Read::Whole(b, t) => {
+            let n = b.len() as u64;
+            (Some(b), t, None, n)
+        }
+        Read::Stream(prefix, rest) => {
+            let n = len.unwrap_or(0);
+            (None, None, Some((prefix, rest)), n)
+        }
     };
     let mut out = Outgoing {
         method: parts.method,
@@ -753,6 +794,7 @@ async fn forward(
         version: parts.version,
         headers,
         replay,
+        replay_trailers,
         streamed,
     };
     if let Some(body) = &out.replay {
@@ -777,6 +819,7 @@ async fn forward(
     };
     let mut tried: Vec<usize> = Vec::new();
     let mut attempt = 0u32;
+    let mut retrying: Option<RetryGuard> = None;
     let labels_for =
         |idx: Option<usize>, code: u16, flag: &'static str, grpc_status: Option<u32>| {
             let (source, destination) = match reporter {
@@ -868,11 +911,15 @@ async fn forward(
                 cluster.record(idx, Outcome::Status(status), Instant::now());
                 let retriable = retry.on.status(status)
                     || grpc_status.is_some_and(|g| retry.on.grpc.contains(&g));
-                if retriable && attempt < max_attempts && retry_allowed(&cluster, attempt) {
-                    drop(resp);
-                    drop(in_flight);
-                    backoff(retry, attempt, deadline).await;
-                    continue;
+                if retriable && attempt < max_attempts {
+                    drop(retrying.take());
+                    if let Some(g) = RetryGuard::acquire(&cluster) {
+                        retrying = Some(g);
+                        drop(resp);
+                        drop(in_flight);
+                        backoff(retry, attempt, deadline).await;
+                        continue;
+                    }
                 }
                 let upgraded = status == 101 && upgrade;
                 if upgraded {
@@ -920,36 +967,46 @@ async fn forward(
             // Circuit open is never retried: retries would defeat it.
             _ => false,
         };
-        if retriable && attempt < max_attempts && retry_allowed(&cluster, attempt) {
-            backoff(retry, attempt, deadline).await;
-            continue;
+        if retriable && attempt < max_attempts {
+            drop(retrying.take());
+            if let Some(g) = RetryGuard::acquire(&cluster) {
+                retrying = Some(g);
+                backoff(retry, attempt, deadline).await;
+                continue;
+            }
         }
         return fail(Some(idx), failure);
     }
 }
 
-/// Retry budget: concurrent retries are capped at `maxRetries` when set,
-/// else at 20% of the cluster's active requests (at least 3), as Envoy's
-/// retry budget, so retries cannot multiply load without bound.
-fn retry_allowed(cluster: &Cluster, attempt: u32) -> bool {
-    if attempt == 0 {
-        return true;
+/// A retry in progress, counted against the cluster's retry budget from
+/// the decision to retry until the retried attempt has its answer.
+struct RetryGuard(Arc<ClusterState>);
+
+impl RetryGuard {
+    /// Retry budget: concurrent retries are capped at `maxRetries` when set,
+    /// else at 20% of the cluster's active requests (at least 3), as Envoy's
+    /// retry budget, so retries cannot multiply load without bound.
+    fn acquire(cluster: &Cluster) -> Option<RetryGuard> {
+        let state = &cluster.state;
+        let active = state.active_requests.load(Ordering::Relaxed);
+        let cap = cluster
+            .limits
+            .max_retries
+            .unwrap_or_else(|| (active / 5).max(3));
+        if state.active_retries.fetch_add(1, Ordering::AcqRel) >= cap {
+            state.active_retries.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!(cluster = %cluster.name, "retry budget exhausted");
+            return None;
+        }
+        Some(RetryGuard(state.clone()))
     }
-    let state = &cluster.state;
-    let active = state.active_requests.load(Ordering::Relaxed);
-    let cap = cluster
-        .limits
-        .max_retries
-        .unwrap_or_else(|| (active / 5).max(3));
-    let current = state.active_retries.fetch_add(1, Ordering::AcqRel);
-    // The count is held only while deciding and backing off; a short
-    // window, which is what Envoy's "active retries" measures too.
-    let ok = current < cap;
-    state.active_retries.fetch_sub(1, Ordering::AcqRel);
-    if !ok {
-        tracing::debug!(cluster = %cluster.name, "retry budget exhausted");
+}
+
+impl Drop for RetryGuard {
+    fn drop(&mut self) {
+        self.0.active_retries.fetch_sub(1, Ordering::AcqRel);
     }
-    ok
 }
 
 async fn backoff(retry: &crate::state::RetryPolicy, attempt: u32, deadline: Option<Instant>) {
@@ -1020,6 +1077,7 @@ fn mirror(cluster: Arc<Cluster>, out: &Outgoing, body: Bytes) {
         version: out.version,
         headers,
         replay: Some(body),
+        replay_trailers: out.replay_trailers.clone(),
         streamed: None,
     };
     tokio::spawn(async move {

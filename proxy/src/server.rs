@@ -190,7 +190,12 @@ async fn handle_conn(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, kind: Kind)
             Detected::Tcp
         }
         Protocol::Http2 | Protocol::Grpc => Detected::Http2,
-        Protocol::Http | Protocol::Auto => detect(&stream, ctx.settings.detect_timeout).await,
+        // A declared HTTP port is HTTP whatever arrives: garbage gets 400.
+        Protocol::Http => match detect(&stream, ctx.settings.detect_timeout).await {
+            Detected::Http2 => Detected::Http2,
+            _ => Detected::Http1,
+        },
+        Protocol::Auto => detect(&stream, ctx.settings.detect_timeout).await,
     };
     match detected {
         Detected::Http1 | Detected::Http2 => {
@@ -279,7 +284,7 @@ async fn serve_http(ctx: &Ctx, stream: TcpStream, info: Arc<ConnInfo>, h2: bool)
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(ctx.settings.header_read_timeout)
-            .max_buf_size(MAX_HEAD_BYTES)
+            .max_header_size(MAX_HEAD_BYTES)
             .max_headers(MAX_HEADERS)
             .serve_connection(io, svc)
             .with_upgrades();
