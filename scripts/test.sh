@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, every crate's tests, the fuzz
-# target's build. Needs only cargo; run from anywhere in the repo.
+# The whole test suite: formatting, lints, every crate's tests (the network
+# namespace tests included when run as root), the fuzz targets' build.
+# Needs only cargo; as root it installs what the namespace tests use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  command -v ip >/dev/null || missing+=(iproute2)
+  command -v iptables-restore >/dev/null || missing+=(iptables)
+  command -v setpriv >/dev/null || missing+=(util-linux)
+  if [ ${#missing[@]} -gt 0 ]; then
+    step "installing ${missing[*]} (for the network namespace tests)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -15,6 +27,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --workspace --locked
 
-step "fuzz target builds"
-# Its own workspace (libFuzzer); the same target dir reuses the main build.
+step "fuzz targets build"
+# Their own workspace (libFuzzer); the same target dir reuses the main build.
 cargo build --manifest-path fuzz/Cargo.toml --target-dir target --locked

@@ -809,9 +809,30 @@ async fn forward(
         mesh_api::model::Protocol::Http => false,
         _ => out.version == Version::HTTP_2,
     };
-    let hash = cluster
-        .hash_key()
-        .and_then(|k| hash_of(k, &out.headers, &out.uri, conn.peer));
+    let mut set_cookie = None;
+    let hash = match cluster.hash_key() {
+        Some(k) => hash_of(k, &out.headers, &out.uri, conn.peer).or_else(|| {
+            // Envoy's rule: a missing hash cookie with a ttl is generated,
+            // and set on the response so the client sticks from now on.
+            let HashKey::Cookie {
+                name,
+                ttl: Some(ttl),
+                path,
+            } = k
+            else {
+                return None;
+            };
+            let value = format!("{:016x}", fastrand::u64(..));
+            let mut cookie = format!("{name}=\"{value}\"; Max-Age={}; HttpOnly", ttl.as_secs());
+            if let Some(p) = path {
+                cookie.push_str("; Path=");
+                cookie.push_str(p);
+            }
+            set_cookie = HeaderValue::from_str(&cookie).ok();
+            Some(crate::hashring::xxh64(format!("\"{value}\"").as_bytes(), 0))
+        }),
+        None => None,
+    };
     let max_attempts = if out.replay.is_some() {
         retry.attempts + 1
     } else {
@@ -939,6 +960,9 @@ async fn forward(
                         request_bytes,
                     }),
                 };
+                if let Some(c) = set_cookie.take() {
+                    headers.append(header::SET_COOKIE, c);
+                }
                 let mut resp = Response::new(Body::stream_with(rbody, Box::new(end)));
                 *resp.status_mut() = rparts.status;
                 *resp.headers_mut() = headers;

@@ -302,3 +302,54 @@ async fn load_balancers_spread_and_stick() {
     }
     assert_eq!(lr.len(), 3, "least request uses every host: {lr:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_cookie_with_ttl_is_generated_and_sticks() {
+    let a = origin("a").await;
+    let b = origin("b").await;
+    let extra = "loadBalancer: {consistentHash: {httpCookie: {name: sticky, ttl: 1h, path: /}}}";
+    let p = proxy(&config(
+        "- action: {forward: [{cluster: s}]}",
+        &cluster("s", &[&a, &b], extra),
+    ))
+    .await;
+    let c = client();
+    let to = p.explicit.unwrap();
+    let first = send(&c, to, "svc:9080", "/", &[]).await;
+    let set = first.headers["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        set.starts_with("sticky=\"") && set.contains("Max-Age=3600") && set.contains("Path=/"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_string();
+    for _ in 0..10 {
+        let r = send(&c, to, "svc:9080", "/", &[("cookie", &cookie)]).await;
+        assert_eq!(r.body, first.body, "the generated cookie pins the host");
+        assert!(!r.headers.contains_key("set-cookie"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_requests_and_the_config_dump() {
+    let o = origin("o").await;
+    let p = proxy(&config(
+        "- action: {forward: [{cluster: o}]}",
+        &cluster("o", &[&o], ""),
+    ))
+    .await;
+    let got = raw(
+        p.explicit.unwrap(),
+        b"GET http://svc:9080/abs?x=1 HTTP/1.1\r\nHost: ignored.example\r\nConnection: close\r\n\r\n",
+        std::time::Duration::from_secs(2),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert_eq!(o.seen()[0].path, "/abs?x=1", "origin-form upstream");
+    let dump = send(&client(), p.admin.unwrap(), "x", "/config_dump", &[]).await;
+    let v: serde_json::Value = serde_json::from_str(&dump.body).unwrap();
+    assert_eq!(v["version"], "t1");
+    assert_eq!(
+        v["destinations"][0]["host"],
+        "svc.default.svc.cluster.local"
+    );
+}
