@@ -109,6 +109,13 @@ CLK_TCK=$(getconf CLK_TCK)
 # CPU time of a process (all threads), in clock ticks.
 proc_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 
+# CPU time of a process from the scheduler (all threads), in ns: exact,
+# where /proc/PID/stat is sampled at the tick and can alias with a periodic
+# load.
+proc_sched_ns() { cat "/proc/$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
+
+now() { printf '%s\n' "${EPOCHREALTIME:-$(date +%s.%N)}"; }
+
 # Resident set of a process, kB.
 proc_rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
 
@@ -123,17 +130,20 @@ cpu_snapshot() {
     END { print out[a], out[b] }' /proc/stat
 }
 
-# Samples the proxy's RSS every 200 ms; the largest seen goes to $WORK/rss_max.
+# Samples the proxy's RSS every 200 ms into $WORK/rss.log ("time kB").
 rss_sampler() {
-  local pid=$1 max=0 v
+  local pid=$1 v
   while kill -0 "$pid" 2>/dev/null; do
     v=$(proc_rss_kb "$pid")
-    if [[ -n $v ]] && ((v > max)); then
-      max=$v
-      echo "$max" >"$WORK/rss_max.tmp" && mv "$WORK/rss_max.tmp" "$WORK/rss_max"
-    fi
+    [[ -n $v ]] && printf '%s %s\n' "$(now)" "$v" >>"$WORK/rss.log"
     sleep 0.2
   done
+}
+
+# rss_max [FROM TO]: the largest RSS sampled (between two times), kB.
+rss_max() {
+  awk -v a="${1:-0}" -v b="${2:-1e18}" '$1 >= a && $1 <= b && $2 > m { m = $2 } END { if (m) print m }' \
+    "$WORK/rss.log" 2>/dev/null || true
 }
 
 # ---------------------------------------------------------------- parsing
@@ -180,24 +190,26 @@ calc() {
 
 # ---------------------------------------------------------------- running
 
-declare -A RPS P50 P99 ERRS PCORES PBUSY BUSY0 BUSY1 NOTE
+declare -A RPS P50 P99 ERRS PCORES PBUSY PSCHED BUSY0 BUSY1 RSS NOTE
 
 # run_case SCENARIO MODE(direct|proxy) TOOL(wrk|h2load|load) URL [tool args...]
 run_case() {
   local sc=$1 mode=$2 tool=$3 url=$4
   shift 4
-  local key="$sc,$mode" out t0 t1 c0 c1 s0 s1 wall
+  local key="$sc,$mode" out t0 t1 c0 c1 n0 n1 s0 s1 wall r
   log "$sc $mode: $tool $* $url"
   s0=$(cpu_snapshot)
   c0=$(proc_ticks "$PROXY_PID")
-  t0=$(date +%s.%N)
+  n0=$(proc_sched_ns "$PROXY_PID")
+  t0=$(now)
   case $tool in
     wrk) out=$(taskset -c "$LOAD_CPU" wrk "$@" --latency "$url" 2>&1) || true ;;
     h2load) out=$(taskset -c "$LOAD_CPU" h2load "$@" "$url" 2>&1) || true ;;
     load) out=$(taskset -c "$LOAD_CPU" "$BIN/mesh-bench" load --url "$url" "$@" 2>&1) || true ;;
   esac
-  t1=$(date +%s.%N)
+  t1=$(now)
   c1=$(proc_ticks "$PROXY_PID")
+  n1=$(proc_sched_ns "$PROXY_PID")
   s1=$(cpu_snapshot)
   kill -0 "$PROXY_PID" 2>/dev/null || die "the proxy died during $sc $mode"$'\n'"$(tail -20 "$WORK/proxy.log")"
   printf '%s\n' "$out" >"$WORK/$sc-$mode.out"
@@ -226,7 +238,7 @@ run_case() {
   esac
   if [[ -z ${RPS[$key]} ]]; then
     warn "could not parse $tool's output for $sc $mode; its output was:"
-    sed 's/^/    /' <<<"$out" | tail -20 >&2
+    tail -20 <<<"$out" | while IFS= read -r line; do printf '    %s\n' "$line"; done >&2
     NOTE[$key]="$tool output not parsed"
   fi
   if [[ ${ERRS[$key]:-0} != 0 ]]; then
@@ -242,6 +254,10 @@ run_case() {
   if [[ $mode == proxy ]]; then
     # Proxy CPU seconds over the wall time: cores used; per 1,000 rps.
     PBUSY[$key]=$(calc 'printf "%.3f", (b - a) / c / d' "$c0" "$c1" "$CLK_TCK" "$wall")
+    PSCHED[$key]=$(calc 'printf "%.3f", (b - a) / 1e9 / c' "$n0" "$n1" "$wall")
+    RSS[$key]=$(rss_max "$t0" "$t1")
+    r=$(proc_rss_kb "$PROXY_PID")
+    if [[ -n $r ]] && ((r > ${RSS[$key]:-0})); then RSS[$key]=$r; fi
     if [[ -n ${RPS[$key]} ]] && [[ ${RPS[$key]} != 0 ]]; then
       PCORES[$key]=$(calc 'printf "%.4f", b / (a / 1000)' "${RPS[$key]}" "${PBUSY[$key]}")
     fi
@@ -258,6 +274,7 @@ cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" -p mesh-proxy -
 [[ -x $BIN/mesh-proxy && -x $BIN/mesh-bench ]] || die "built binaries not found in $BIN"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mesh-bench.XXXXXX")
+BENCH_START=$(now)
 
 # Is anything else busy? Other work on these CPUs skews every number.
 s0=$(cpu_snapshot)
@@ -274,6 +291,7 @@ fi
 
 free_port ORIGIN_1K
 free_port ORIGIN_64K
+free_port ORIGIN_CTL
 free_port GW_1K
 free_port GW_64K
 free_port ADMIN_PORT
@@ -338,7 +356,6 @@ wait_port "$GW_1K" "$PROXY_PID" proxy
 wait_port "$GW_64K" "$PROXY_PID" proxy
 sleep 1
 RSS_IDLE=$(proc_rss_kb "$PROXY_PID")
-echo "${RSS_IDLE:-0}" >"$WORK/rss_max"
 rss_sampler "$PROXY_PID" &
 PIDS+=($!)
 
@@ -371,6 +388,25 @@ declare -A TITLE=(
   [d]="d) h2c 1 conn x 16 streams"
   [e]="e) fixed 1000 rps 1KiB"
 )
+E_ARGS=(--rate "$RATE" --duration "${RATE_SECS}s" --warmup "$RATE_WARMUP" --connections 16)
+
+# Control for (e): direct again, but with the origin on the proxy's CPU, so
+# each request crosses CPUs as it does through the proxy. What it adds over
+# "direct" is the machine's cross-CPU wake-up cost, not the proxy's.
+control_case() {
+  log "starting a control origin on 127.0.0.1:$ORIGIN_CTL, CPU $PROXY_CPU"
+  taskset -c "$PROXY_CPU" "$BIN/mesh-bench" origin --addr "127.0.0.1:$ORIGIN_CTL" --body-size 1024 \
+    >"$WORK/origin-ctl.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  wait_port "$ORIGIN_CTL" "$pid" origin-ctl
+  run_case e control load "http://127.0.0.1:$ORIGIN_CTL/" "${E_ARGS[@]}"
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  local keep=() p
+  for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
 
 for mode in direct proxy; do
   if [[ $mode == direct ]]; then u1=$D1 u64=$D64; else u1=$P1 u64=$P64; fi
@@ -378,18 +414,21 @@ for mode in direct proxy; do
   run_case b "$mode" wrk "$u64" -t1 -c32 "-d${WRK_SECS}s"
   run_case c "$mode" wrk "$u1" -t1 -c16 "-d${WRK_SECS}s" -H 'Connection: close'
   run_case d "$mode" h2load "$u1" -t1 -c1 -m16 -D "$H2_SECS"
-  run_case e "$mode" load "$u1" --rate "$RATE" --duration "${RATE_SECS}s" --warmup "$RATE_WARMUP" --connections 16
+  run_case e "$mode" load "$u1" "${E_ARGS[@]}"
+  if [[ $mode == direct ]]; then control_case; fi
 done
 
-RSS_LOADED=$(cat "$WORK/rss_max" 2>/dev/null || echo "")
+RSS_LOADED=$(rss_max)
 v=$(proc_rss_kb "$PROXY_PID")
 if [[ -n $v && (-z $RSS_LOADED || $v -gt $RSS_LOADED) ]]; then RSS_LOADED=$v; fi
+BENCH_SECS=$(calc 'printf "%.0f", b - a' "$BENCH_START" "$(now)")
 
 # ---------------------------------------------------------------- report
 
 fmt_rps() { if [[ -n $1 ]]; then printf '%.0f' "$1"; else printf 'n/a'; fi; }
 fmt_ms() { if [[ -n $1 ]]; then calc 'printf "%+.3f ms", a / 1000' "$1"; else printf 'n/a'; fi; }
 fmt_us() { if [[ -n $1 ]]; then calc 'printf "%.0f us", a' "$1"; else printf 'n/a'; fi; }
+fmt_mib() { if [[ -n $1 ]]; then calc 'printf "%.1f MiB", a / 1024' "$1"; else printf 'n/a'; fi; }
 num_or_null() { if [[ -n $1 ]]; then printf '%s' "$1"; else printf 'null'; fi; }
 
 declare -A RATIO ADD50 ADD99
@@ -398,6 +437,10 @@ for s in "${SCENARIOS[@]}"; do
   ADD50[$s]=$(calc 'printf "%.1f", b - a' "${P50[$s,direct]:-}" "${P50[$s,proxy]:-}")
   ADD99[$s]=$(calc 'printf "%.1f", b - a' "${P99[$s,direct]:-}" "${P99[$s,proxy]:-}")
 done
+CTL50=$(calc 'printf "%.1f", b - a' "${P50[e,direct]:-}" "${P50[e,control]:-}")
+CTL99=$(calc 'printf "%.1f", b - a' "${P99[e,direct]:-}" "${P99[e,control]:-}")
+OVERCTL50=$(calc 'printf "%.1f", b - a' "${P50[e,control]:-}" "${P50[e,proxy]:-}")
+OVERCTL99=$(calc 'printf "%.1f", b - a' "${P99[e,control]:-}" "${P99[e,proxy]:-}")
 
 echo
 printf '%-30s | %10s | %10s | %5s | %11s | %11s | %19s\n' \
@@ -408,24 +451,29 @@ for s in "${SCENARIOS[@]}"; do
     "$(fmt_rps "${RPS[$s,direct]:-}")" "$(fmt_rps "${RPS[$s,proxy]:-}")" "${RATIO[$s]:-n/a}" \
     "$(fmt_ms "${ADD50[$s]}")" "$(fmt_ms "${ADD99[$s]}")" "${PCORES[$s,proxy]:-n/a}"
 done
+echo "(added p50/p99 of (a)-(c) are under saturation: closed-loop wrk; h2load reports no percentiles)"
 echo
-printf 'proxy RSS: idle %s kB (%.1f MiB), loaded (max) %s kB (%.1f MiB)\n' \
-  "${RSS_IDLE:-n/a}" "$(calc 'print a / 1024' "${RSS_IDLE:-0}")" \
-  "${RSS_LOADED:-n/a}" "$(calc 'print a / 1024' "${RSS_LOADED:-0}")"
+printf 'proxy RSS: idle %s kB (%s), loaded (max) %s kB (%s)\n' \
+  "${RSS_IDLE:-n/a}" "$(fmt_mib "${RSS_IDLE:-}")" "${RSS_LOADED:-n/a}" "$(fmt_mib "${RSS_LOADED:-}")"
 
 echo
-echo "details (CPU $PROXY_CPU = proxy, CPU $LOAD_CPU = origin + load generator; busy in cores, 1.00 = saturated):"
-printf '  %-30s %-6s | %9s | %9s | %9s | %6s | %10s | %4s | %4s\n' \
-  scenario mode rps p50 p99 errors "proxy cpu" cpu0 cpu1
+echo "details (CPU $PROXY_CPU = proxy, CPU $LOAD_CPU = origins + load generators; cores busy, 1.00 = saturated;"
+echo "proxy cores from /proc/PID/stat (tick-sampled) and from schedstat (exact); proxy RSS = max during the run):"
+printf '  %-30s %-7s | %8s | %8s | %8s | %6s | %6s | %6s | %4s | %4s | %9s\n' \
+  scenario mode rps p50 p99 errors "p.stat" "p.schd" cpu0 cpu1 "proxy RSS"
 for s in "${SCENARIOS[@]}"; do
-  for mode in direct proxy; do
+  modes=(direct proxy)
+  [[ $s == e ]] && modes=(direct control proxy)
+  for mode in "${modes[@]}"; do
     k="$s,$mode"
-    printf '  %-30s %-6s | %9s | %9s | %9s | %6s | %10s | %4s | %4s%s\n' "${TITLE[$s]}" "$mode" \
+    printf '  %-30s %-7s | %8s | %8s | %8s | %6s | %6s | %6s | %4s | %4s | %9s%s\n' "${TITLE[$s]}" "$mode" \
       "$(fmt_rps "${RPS[$k]:-}")" "$(fmt_us "${P50[$k]:-}")" "$(fmt_us "${P99[$k]:-}")" \
-      "${ERRS[$k]:-n/a}" "${PBUSY[$k]:--}" "${BUSY0[$k]:-?}" "${BUSY1[$k]:-?}" \
-      "${NOTE[$k]:+  (${NOTE[$k]})}"
+      "${ERRS[$k]:-n/a}" "${PBUSY[$k]:--}" "${PSCHED[$k]:--}" "${BUSY0[$k]:-?}" "${BUSY1[$k]:-?}" \
+      "$(if [[ -n ${RSS[$k]:-} ]]; then fmt_mib "${RSS[$k]}"; else echo -; fi)" "${NOTE[$k]:+  (${NOTE[$k]})}"
   done
 done
+echo "  (e) control = direct with the origin on CPU $PROXY_CPU: the cross-CPU hop alone adds p50 $(fmt_ms "$CTL50"), p99 $(fmt_ms "$CTL99");"
+echo "      through the proxy vs the control: p50 $(fmt_ms "$OVERCTL50"), p99 $(fmt_ms "$OVERCTL99")"
 
 # Targets from the issue.
 verdict() { if [[ -z $1 ]]; then echo "MISS (not measured)"; elif awk -v v="$1" -v l="$2" "BEGIN { exit !(v $3 l) }"; then echo PASS; else echo MISS; fi; }
@@ -435,37 +483,41 @@ T3=$(verdict "${RSS_IDLE:-}" 10240 '<=')
 T4=$(verdict "${RPS[a,proxy]:-}" 30000 '>=')
 echo
 echo "targets:"
-printf '  %-58s %-24s %s\n' "added p99 at 1,000 rps <= 0.2 ms (e)" "$(fmt_ms "${ADD99[e]}")" "$T1"
-printf '  %-58s %-24s %s\n' "proxy cores per 1,000 rps <= 0.05 (a)" "${PCORES[a,proxy]:-n/a}" "$T2"
-printf '  %-58s %-24s %s\n' "idle RSS <= 10 MiB" "${RSS_IDLE:-n/a} kB" "$T3"
-printf '  %-58s %-24s %s\n' ">= 30,000 rps through one proxy core, 1 KiB keep-alive (a)" "$(fmt_rps "${RPS[a,proxy]:-}") rps" "$T4"
+printf '  %-58s %-14s %s\n' "added p99 at 1,000 rps <= 0.2 ms (e)" "$(fmt_ms "${ADD99[e]}")" "$T1"
+printf '  %-58s %-14s %s\n' "proxy cores per 1,000 rps <= 0.05 (a)" "${PCORES[a,proxy]:-n/a}" "$T2"
+printf '  %-58s %-14s %s\n' "idle RSS <= 10 MiB" "${RSS_IDLE:-n/a} kB" "$T3"
+printf '  %-58s %-14s %s\n' ">= 30,000 rps through one proxy core, 1 KiB keep-alive (a)" "$(fmt_rps "${RPS[a,proxy]:-}") rps" "$T4"
 
 # ---------------------------------------------------------------- JSON
 
 mkdir -p "$RESULTS_DIR"
 [[ -f $RESULTS_DIR/.gitignore ]] || printf '*.json\n' >"$RESULTS_DIR/.gitignore"
+mode_json() {
+  local k=$1
+  printf '{"rps": %s, "p50_us": %s, "p99_us": %s, "errors": %s, "cpu0_busy": %s, "cpu1_busy": %s' \
+    "$(num_or_null "${RPS[$k]:-}")" "$(num_or_null "${P50[$k]:-}")" "$(num_or_null "${P99[$k]:-}")" \
+    "$(num_or_null "${ERRS[$k]:-}")" "$(num_or_null "${BUSY0[$k]:-}")" "$(num_or_null "${BUSY1[$k]:-}")"
+  if [[ $k == *,proxy ]]; then
+    printf ', "proxy_cores": %s, "proxy_cores_schedstat": %s, "proxy_cores_per_1000rps": %s, "proxy_rss_kb": %s' \
+      "$(num_or_null "${PBUSY[$k]:-}")" "$(num_or_null "${PSCHED[$k]:-}")" \
+      "$(num_or_null "${PCORES[$k]:-}")" "$(num_or_null "${RSS[$k]:-}")"
+  fi
+  printf '}'
+}
 {
   printf '{\n  "date": "%s",\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   printf '  "commit": "%s",\n' "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  printf '  "setup": {"proxy_cpu": %s, "load_cpu": %s, "proxy_concurrency": 1, "wrk_seconds": %s, "h2load_seconds": %s, "rate": %s, "rate_seconds": %s},\n' \
-    "$PROXY_CPU" "$LOAD_CPU" "$WRK_SECS" "$H2_SECS" "$RATE" "$RATE_SECS"
+  printf '  "setup": {"proxy_cpu": %s, "load_cpu": %s, "proxy_concurrency": 1, "wrk_seconds": %s, "h2load_seconds": %s, "rate": %s, "rate_seconds": %s, "bench_seconds": %s},\n' \
+    "$PROXY_CPU" "$LOAD_CPU" "$WRK_SECS" "$H2_SECS" "$RATE" "$RATE_SECS" "$(num_or_null "$BENCH_SECS")"
   printf '  "scenarios": [\n'
   first=1
   for s in "${SCENARIOS[@]}"; do
     [[ $first == 1 ]] || printf ',\n'
     first=0
     printf '    {"id": "%s", "title": "%s",\n' "$s" "${TITLE[$s]}"
-    for mode in direct proxy; do
-      k="$s,$mode"
-      printf '     "%s": {"rps": %s, "p50_us": %s, "p99_us": %s, "errors": %s, "cpu0_busy": %s, "cpu1_busy": %s' \
-        "$mode" "$(num_or_null "${RPS[$k]:-}")" "$(num_or_null "${P50[$k]:-}")" "$(num_or_null "${P99[$k]:-}")" \
-        "$(num_or_null "${ERRS[$k]:-}")" "$(num_or_null "${BUSY0[$k]:-}")" "$(num_or_null "${BUSY1[$k]:-}")"
-      if [[ $mode == proxy ]]; then
-        printf ', "proxy_cores": %s, "proxy_cores_per_1000rps": %s' \
-          "$(num_or_null "${PBUSY[$k]:-}")" "$(num_or_null "${PCORES[$k]:-}")"
-      fi
-      printf '},\n'
-    done
+    printf '     "direct": %s,\n' "$(mode_json "$s,direct")"
+    if [[ $s == e ]]; then printf '     "control_origin_on_proxy_cpu": %s,\n' "$(mode_json "$s,control")"; fi
+    printf '     "proxy": %s,\n' "$(mode_json "$s,proxy")"
     printf '     "ratio": %s, "added_p50_us": %s, "added_p99_us": %s}' \
       "$(num_or_null "${RATIO[$s]:-}")" "$(num_or_null "${ADD50[$s]:-}")" "$(num_or_null "${ADD99[$s]:-}")"
   done
@@ -479,4 +531,4 @@ mkdir -p "$RESULTS_DIR"
   printf '  ]\n}\n'
 } >"$RESULTS_DIR/latest.json"
 echo
-echo "results written to ${RESULTS_DIR#"$ROOT"/}/latest.json"
+echo "results written to ${RESULTS_DIR#"$ROOT"/}/latest.json (benchmark ${BENCH_SECS:-?} s, build excluded)"

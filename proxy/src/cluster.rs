@@ -373,24 +373,23 @@ impl Cluster {
             }
             Balancer::Random => self.weighted_random(usable),
             Balancer::LeastRequest => {
-                // Power of two choices among usable endpoints.
-                let candidates: Vec<usize> = (0..n).filter(|i| usable(*i)).collect();
-                match candidates.len() {
-                    0 => None,
-                    1 => Some(candidates[0]),
-                    len => {
-                        let a = candidates[fastrand::usize(..len)];
-                        let mut b = candidates[fastrand::usize(..len - 1)];
-                        if b == a {
-                            b = candidates[len - 1];
-                        }
-                        let load = |i: usize| {
-                            // Weighted: fewer requests per unit of weight wins.
-                            u64::from(self.endpoints[i].active.load(Ordering::Relaxed)) * 1000
-                                / u64::from(self.weights[i])
-                        };
-                        Some(if load(b) < load(a) { b } else { a })
-                    }
+                // Power of two choices among usable endpoints: two random
+                // picks (retrying a few times past unusable ones), the one
+                // with fewer requests per unit of weight wins.
+                let load = |i: usize| {
+                    u64::from(self.endpoints[i].active.load(Ordering::Relaxed)) * 1000
+                        / u64::from(self.weights[i])
+                };
+                let draw = |exclude: Option<usize>| {
+                    (0..8)
+                        .map(|_| fastrand::usize(..n))
+                        .find(|i| usable(*i) && Some(*i) != exclude)
+                        .or_else(|| (0..n).find(|i| usable(*i) && Some(*i) != exclude))
+                };
+                let a = draw(None)?;
+                match draw(Some(a)) {
+                    Some(b) if load(b) < load(a) => Some(b),
+                    _ => Some(a),
                 }
             }
         }

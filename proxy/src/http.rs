@@ -206,11 +206,12 @@ async fn handle(
     req: Request<Incoming>,
     start: Instant,
 ) -> Response<Body> {
-    let authority = authority_of(&req).unwrap_or("").to_string();
+    // Owned only when needed after `req` moves on (gateway host matching).
+    let authority: &str = authority_of(&req).unwrap_or("");
     let (reporter, target) = match conn.entry {
         Entry::Outbound(orig) => {
             let dest = snap
-                .destination(&authority, orig.port())
+                .destination(authority, orig.port())
                 .or_else(|| snap.by_addr.get(&orig));
             match dest {
                 Some(d) => (
@@ -241,7 +242,7 @@ async fn handle(
             } else {
                 80
             };
-            match snap.destination(&authority, default_port) {
+            match snap.destination(authority, default_port) {
                 Some(d) => (
                     Reporter::Source,
                     Target::Routes {
@@ -250,10 +251,7 @@ async fn handle(
                         port: d.port,
                     },
                 ),
-                None => match (
-                    snap.outbound_policy,
-                    resolve(&authority, default_port).await,
-                ) {
+                None => match (snap.outbound_policy, resolve(authority, default_port).await) {
                     (mesh_api::model::OutboundPolicy::AllowAny, Some(addr)) => (
                         Reporter::Source,
                         Target::Cluster(
@@ -290,7 +288,7 @@ async fn handle(
             let Some(gw) = snap.gateways.get(&port) else {
                 return generated(Reason::NoRoute);
             };
-            let (host, _) = split_authority(&authority, port);
+            let (host, _) = split_authority(authority, port);
             let host = host.to_ascii_lowercase();
             match gw.vhosts.iter().find(|(hosts, _)| {
                 hosts
@@ -322,14 +320,13 @@ async fn handle(
             service,
             port,
         } => {
-            let path = req.uri().path().to_string();
             let (route, match_idx) = {
                 let view = RequestView {
                     method: req.method().as_str(),
-                    path: &path,
+                    path: req.uri().path(),
                     query: req.uri().query(),
                     scheme: req.uri().scheme_str().unwrap_or("http"),
-                    authority: &authority,
+                    authority,
                     port,
                     headers: req.headers(),
                 };
@@ -698,11 +695,9 @@ impl Outgoing {
             *req.version_mut() = Version::HTTP_2;
             req.headers_mut().remove(header::HOST);
         } else {
-            *req.uri_mut() = self
-                .uri
-                .path_and_query()
-                .and_then(|pq| pq.as_str().parse().ok())
-                .unwrap_or_else(|| Uri::from_static("/"));
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = self.uri.path_and_query().cloned();
+            *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
             *req.version_mut() = Version::HTTP_11;
         }
         req
@@ -838,7 +833,9 @@ async fn forward(
     } else {
         1
     };
-    let mut tried: Vec<usize> = Vec::new();
+    // Endpoints tried so far (the first few; enough to steer retries).
+    let mut tried = [usize::MAX; 4];
+    let mut tried_len = 0usize;
     let mut attempt = 0u32;
     let mut retrying: Option<RetryGuard> = None;
     let labels_for =
@@ -893,14 +890,17 @@ async fn forward(
             return fail(None, Reason::UpstreamTimeout);
         }
         let avoid: &[usize] = if retry.ignore_previous_hosts || cluster.endpoints.len() > 1 {
-            &tried
+            &tried[..tried_len]
         } else {
             &[]
         };
         let Some(idx) = cluster.pick(hash, avoid, now) else {
             return fail(None, Reason::NoHealthyUpstream);
         };
-        tried.push(idx);
+        if tried_len < tried.len() {
+            tried[tried_len] = idx;
+            tried_len += 1;
+        }
         let ep = cluster.endpoints[idx].clone();
         // Circuit breakers: concurrent requests, then retries.
         if cluster.state.active_requests.fetch_add(1, Ordering::AcqRel)
@@ -915,10 +915,9 @@ async fn forward(
             cluster: cluster.state.clone(),
         };
         let try_deadline = match (retry.per_try_timeout, deadline) {
-            (Some(p), Some(d)) => (now + p).min(d),
-            (Some(p), None) => now + p,
-            (None, Some(d)) => d,
-            (None, None) => now + Duration::from_secs(3600),
+            (Some(p), Some(d)) => Some((now + p).min(d)),
+            (Some(p), None) => Some(now + p),
+            (None, d) => d,
         };
         let result = send(&cluster, idx, h2, &mut out, try_deadline).await;
         let failure = match result {
@@ -1050,11 +1049,13 @@ async fn send(
     idx: usize,
     h2: bool,
     out: &mut Outgoing,
-    deadline: Instant,
+    deadline: Option<Instant>,
 ) -> Result<(Response<Incoming>, Option<pool::H1Conn>), Reason> {
     let endpoint = cluster.endpoints[idx].addr;
+    // Waiting for a pooled connection is bounded even without a deadline.
+    let pool_deadline = deadline.unwrap_or_else(|| Instant::now() + cluster.limits.connect_timeout);
     let attempt = async {
-        let conn = pool::checkout(cluster, idx, h2, deadline).await?;
+        let conn = pool::checkout(cluster, idx, h2, pool_deadline).await?;
         let req = out.build(h2, endpoint);
         match conn {
             Conn::H1(mut c) => {
@@ -1070,9 +1071,15 @@ async fn send(
             }
         }
     };
-    match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(Reason::UpstreamTimeout),
+    match deadline {
+        // No timer at all when the route sets no timeout.
+        None => attempt.await,
+        Some(d) => {
+            match tokio::time::timeout(d.saturating_duration_since(Instant::now()), attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(Reason::UpstreamTimeout),
+            }
+        }
     }
 }
 
@@ -1105,7 +1112,7 @@ fn mirror(cluster: Arc<Cluster>, out: &Outgoing, body: Bytes) {
         streamed: None,
     };
     tokio::spawn(async move {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Some(Instant::now() + Duration::from_secs(30));
         let Some(idx) = cluster.pick(None, &[], Instant::now()) else {
             return;
         };

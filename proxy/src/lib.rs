@@ -219,6 +219,18 @@ pub async fn start(
             tokio::spawn(admin::serve(proxy.clone(), l, port, log, rx.clone()));
         }
     }
+    // Histogram samples are buffered until folded into buckets.
+    let upkeep = proxy.clone();
+    let mut stop = rx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => upkeep.metrics.upkeep(),
+                _ = stop.changed() => return,
+            }
+        }
+    });
     if let Some(bind) = addrs.gateway_bind {
         let g = Arc::new(server::GatewayPorts::new(bind, ctx.clone()));
         g.reconcile().await;

@@ -142,11 +142,19 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.concurrency.max(1))
-        .enable_all()
-        .build()
-    {
+    // One worker: a single-threaded runtime (no work stealing, no
+    // cross-thread wake-ups), like one Envoy worker.
+    let built = if args.concurrency <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.concurrency)
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
         Ok(r) => r,
         Err(e) => {
             eprintln!("mesh-proxy: cannot start the runtime: {e}");

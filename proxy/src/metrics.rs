@@ -66,7 +66,9 @@ pub struct Peer {
 
 impl Peer {
     pub fn unknown() -> Peer {
-        let u: Arc<str> = "unknown".into();
+        static UNKNOWN: std::sync::LazyLock<Arc<str>> =
+            std::sync::LazyLock::new(|| "unknown".into());
+        let u = UNKNOWN.clone();
         Peer {
             workload: u.clone(),
             namespace: u.clone(),
@@ -235,6 +237,12 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         self.handle.render()
+    }
+
+    /// Folds recorded histogram samples into their buckets. Runs every few
+    /// seconds whether or not anyone scrapes, so memory stays flat.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
     }
 
     fn request_handles(&self, l: &RequestLabels) -> Arc<RequestHandles> {

@@ -266,7 +266,8 @@ pub struct Snapshot {
     pub version: Arc<str>,
     pub config: Arc<ProxyConfig>,
     pub workload: WorkloadMeta,
-    pub by_authority: HashMap<(Box<str>, u16), Arc<Destination>>,
+    /// Destinations by port, then lower-case host name (or IP).
+    pub by_authority: HashMap<u16, HashMap<Box<str>, Arc<Destination>>>,
     pub by_addr: HashMap<SocketAddr, Arc<Destination>>,
     pub clusters: HashMap<Arc<str>, Arc<Cluster>>,
     pub inbound: HashMap<u16, InboundPort>,
@@ -282,8 +283,12 @@ impl Snapshot {
     /// `default_port` applying when it names none.
     pub fn destination(&self, authority: &str, default_port: u16) -> Option<&Arc<Destination>> {
         let (host, port) = split_authority(authority, default_port);
-        let key = (host.to_ascii_lowercase().into_boxed_str(), port);
-        self.by_authority.get(&key)
+        let hosts = self.by_authority.get(&port)?;
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            hosts.get(host.to_ascii_lowercase().as_str())
+        } else {
+            hosts.get(host)
+        }
     }
 }
 
@@ -674,14 +679,17 @@ pub fn compile(
             tcp,
         });
         for name in std::iter::once(&d.host).chain(&d.aliases) {
-            by_authority.insert(
-                (name.to_ascii_lowercase().into_boxed_str(), d.port),
-                dest.clone(),
-            );
+            by_authority
+                .entry(d.port)
+                .or_insert_with(HashMap::new)
+                .insert(name.to_ascii_lowercase().into_boxed_str(), dest.clone());
         }
         for ip in &d.addresses {
             by_addr.insert(SocketAddr::new(*ip, d.port), dest.clone());
-            by_authority.insert((ip.to_string().into_boxed_str(), d.port), dest.clone());
+            by_authority
+                .entry(d.port)
+                .or_insert_with(HashMap::new)
+                .insert(ip.to_string().into_boxed_str(), dest.clone());
         }
     }
     let app_ip = cfg
