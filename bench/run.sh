@@ -283,7 +283,7 @@ s1=$(cpu_snapshot)
 idle_busy=$(awk -v s0="$s0" -v s1="$s1" 'BEGIN {
   split(s0, x, " "); split(s1, y, " ")
   t = (y[2] - x[2]) + (y[4] - x[4])
-  printf "%.2f", t > 0 ? ((y[1] - x[1]) + (y[3] - x[3])) / t : 0
+  printf "%.2f", (t > 0 ? ((y[1] - x[1]) + (y[3] - x[3])) / t : 0)
 }')
 if awk -v v="$idle_busy" 'BEGIN { exit !(v > 0.15) }'; then
   warn "the CPUs are $(calc 'printf "%.0f%%", a * 100' "$idle_busy") busy before the benchmark starts: results will be noisy"
