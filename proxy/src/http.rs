@@ -28,8 +28,11 @@ use crate::metrics::{Peer, Reporter, RequestLabels};
 use crate::pool::{self, Conn};
 use crate::reason::{REASON_HEADER, Reason};
 use crate::routing::RequestView;
-use crate::state::{Abort, Action, Backend, Route, Snapshot, UriRewrite, split_authority};
+use crate::state::{
+    Abort, Action, Backend, Destination, Route, Snapshot, UriRewrite, split_authority,
+};
 use crate::{Proxy, ratelimit};
+use mesh_api::model::OutboundPolicy;
 
 /// Bodies up to this size are buffered so a request can be retried or
 /// mirrored; larger ones stream and get one attempt.
@@ -213,27 +216,10 @@ async fn handle(
             let dest = snap
                 .destination(authority, orig.port())
                 .or_else(|| snap.by_addr.get(&orig));
-            match dest {
-                Some(d) => (
-                    Reporter::Source,
-                    Target::Routes {
-                        routes: &d.routes,
-                        service: d.host.clone(),
-                        port: d.port,
-                    },
-                ),
-                None => match snap.outbound_policy {
-                    mesh_api::model::OutboundPolicy::AllowAny => (
-                        Reporter::Source,
-                        Target::Cluster(
-                            Arc::new(Cluster::passthrough(orig, &proxy.registry)),
-                            "PassthroughCluster".into(),
-                        ),
-                    ),
-                    mesh_api::model::OutboundPolicy::RegistryOnly => {
-                        return generated(Reason::NoRoute);
-                    }
-                },
+            match (dest, snap.outbound_policy) {
+                (Some(d), _) => routes_of(d),
+                (None, OutboundPolicy::AllowAny) => passthrough(proxy, orig),
+                (None, OutboundPolicy::RegistryOnly) => return generated(Reason::NoRoute),
             }
         }
         Entry::Explicit => {
@@ -243,22 +229,9 @@ async fn handle(
                 80
             };
             match snap.destination(authority, default_port) {
-                Some(d) => (
-                    Reporter::Source,
-                    Target::Routes {
-                        routes: &d.routes,
-                        service: d.host.clone(),
-                        port: d.port,
-                    },
-                ),
+                Some(d) => routes_of(d),
                 None => match (snap.outbound_policy, resolve(authority, default_port).await) {
-                    (mesh_api::model::OutboundPolicy::AllowAny, Some(addr)) => (
-                        Reporter::Source,
-                        Target::Cluster(
-                            Arc::new(Cluster::passthrough(addr, &proxy.registry)),
-                            "PassthroughCluster".into(),
-                        ),
-                    ),
+                    (OutboundPolicy::AllowAny, Some(addr)) => passthrough(proxy, addr),
                     _ => return generated(Reason::NoRoute),
                 },
             }
@@ -351,6 +324,29 @@ async fn handle(
             .await
         }
     }
+}
+
+fn routes_of(d: &Arc<Destination>) -> (Reporter, Target<'_>) {
+    (
+        Reporter::Source,
+        Target::Routes {
+            routes: &d.routes,
+            service: d.host.clone(),
+            port: d.port,
+        },
+    )
+}
+
+/// Outbound traffic to a destination the mesh does not know: straight to
+/// the address it was for.
+fn passthrough(proxy: &Proxy, addr: SocketAddr) -> (Reporter, Target<'static>) {
+    (
+        Reporter::Source,
+        Target::Cluster(
+            Arc::new(Cluster::passthrough(addr, &proxy.registry)),
+            "PassthroughCluster".into(),
+        ),
+    )
 }
 
 async fn resolve(authority: &str, default_port: u16) -> Option<SocketAddr> {

@@ -259,6 +259,21 @@ async fn serve_tcp(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, entry: Entry)
     }
 }
 
+/// Serves a hyper connection until it ends, or until shutdown, when it is
+/// asked to finish gracefully (GOAWAY, or close after the response).
+macro_rules! serve_until_shutdown {
+    ($conn:expr, $shutdown:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = $shutdown.wait_for(|s| *s) => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    }};
+}
+
 async fn serve_http(ctx: &Ctx, stream: TcpStream, info: Arc<ConnInfo>, h2: bool) {
     let proxy = ctx.proxy.clone();
     let svc = service_fn(move |req| crate::http::serve(proxy.clone(), info.clone(), req));
@@ -273,13 +288,7 @@ async fn serve_http(ctx: &Ctx, stream: TcpStream, info: Arc<ConnInfo>, h2: bool)
             .max_local_error_reset_streams(1024)
             .keep_alive_interval(Duration::from_secs(60))
             .serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = shutdown.wait_for(|s| *s) => {}
-        }
-        conn.as_mut().graceful_shutdown();
-        let _ = conn.await;
+        serve_until_shutdown!(conn, shutdown);
     } else {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -288,13 +297,7 @@ async fn serve_http(ctx: &Ctx, stream: TcpStream, info: Arc<ConnInfo>, h2: bool)
             .max_headers(MAX_HEADERS)
             .serve_connection(io, svc)
             .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = shutdown.wait_for(|s| *s) => {}
-        }
-        conn.as_mut().graceful_shutdown();
-        let _ = conn.await;
+        serve_until_shutdown!(conn, shutdown);
     }
 }
 
