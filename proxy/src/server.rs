@@ -250,13 +250,9 @@ async fn serve_tcp(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, entry: Entry)
         },
         Entry::Explicit => return,
     };
-    let mut shutdown = ctx.shutdown.clone();
-    // TCP connections have no way to drain gracefully: they get the drain
-    // period, then close.
-    tokio::select! {
-        _ = crate::tcp::forward(proxy, &snap, stream, peer, cluster, reporter) => {}
-        _ = async { let _ = shutdown.wait_for(|s| *s).await; tokio::time::sleep(Duration::from_secs(3600)).await } => {}
-    }
+    // TCP has no graceful close: a drain waits for these connections up to
+    // its deadline, then the process exits.
+    crate::tcp::forward(proxy, &snap, stream, peer, cluster, reporter).await;
 }
 
 /// Serves a hyper connection until it ends, or until shutdown, when it is
