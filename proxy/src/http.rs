@@ -54,6 +54,8 @@ pub enum Entry {
 pub struct ConnInfo {
     pub entry: Entry,
     pub peer: SocketAddr,
+    /// HTTP/1: framing verdicts on the client's request heads, in order.
+    pub framing: Option<Arc<crate::framing::Verdicts>>,
     /// Set for mTLS connections (the peer's SPIFFE ID).
     pub peer_identity: Option<Arc<str>>,
 }
@@ -176,6 +178,13 @@ pub async fn serve(
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // Taken for every request, so verdicts stay in step with requests.
+    if conn.framing.as_ref().is_some_and(|v| v.next_is_ambiguous()) {
+        let mut resp = generated(Reason::BadRequest);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
     if req.method() == Method::CONNECT {
         return Ok(crate::tcp::connect_tunnel(proxy, conn, req).await);
     }

@@ -9,6 +9,7 @@ pub mod body;
 pub mod cluster;
 pub mod cors;
 pub mod detect;
+pub mod framing;
 pub mod hashring;
 pub mod http;
 pub mod init;

@@ -199,12 +199,7 @@ async fn handle_conn(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, kind: Kind)
     };
     match detected {
         Detected::Http1 | Detected::Http2 => {
-            let info = Arc::new(ConnInfo {
-                entry,
-                peer,
-                peer_identity: None,
-            });
-            serve_http(ctx, stream, info, detected == Detected::Http2).await;
+            serve_http(ctx, stream, entry, peer, detected == Detected::Http2).await
         }
         Detected::Tcp | Detected::Tls => serve_tcp(ctx, stream, peer, entry).await,
     }
@@ -270,12 +265,19 @@ macro_rules! serve_until_shutdown {
     }};
 }
 
-async fn serve_http(ctx: &Ctx, stream: TcpStream, info: Arc<ConnInfo>, h2: bool) {
+async fn serve_http(ctx: &Ctx, stream: TcpStream, entry: Entry, peer: SocketAddr, h2: bool) {
+    let framing = (!h2).then(|| Arc::new(crate::framing::Verdicts::default()));
+    let info = Arc::new(ConnInfo {
+        entry,
+        peer,
+        framing: framing.clone(),
+        peer_identity: None,
+    });
     let proxy = ctx.proxy.clone();
     let svc = service_fn(move |req| crate::http::serve(proxy.clone(), info.clone(), req));
-    let io = TokioIo::new(stream);
     let mut shutdown = ctx.shutdown.clone();
     if h2 {
+        let io = TokioIo::new(stream);
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(ctx.settings.max_concurrent_streams)
@@ -286,6 +288,10 @@ async fn serve_http(ctx: &Ctx, stream: TcpStream, info: Arc<ConnInfo>, h2: bool)
             .serve_connection(io, svc);
         serve_until_shutdown!(conn, shutdown);
     } else {
+        let io = TokioIo::new(crate::framing::Inspector::new(
+            stream,
+            framing.unwrap_or_default(),
+        ));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(ctx.settings.header_read_timeout)
