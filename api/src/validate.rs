@@ -482,9 +482,8 @@ pub fn host_covers(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix('*') {
         Some(suffix) => {
             host.len() > suffix.len()
-                && host
-                    .to_ascii_lowercase()
-                    .ends_with(&suffix.to_ascii_lowercase())
+                && host.as_bytes()[host.len() - suffix.len()..]
+                    .eq_ignore_ascii_case(suffix.as_bytes())
         }
         None => false,
     }

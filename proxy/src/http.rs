@@ -271,17 +271,17 @@ async fn handle(
                 return generated(Reason::NoRoute);
             };
             let (host, _) = split_authority(authority, port);
-            let host = host.to_ascii_lowercase();
-            match gw.vhosts.iter().find(|(hosts, _)| {
-                hosts
+            // host_covers compares without regard to case.
+            match gw.vhosts.iter().find(|vh| {
+                vh.hosts
                     .iter()
-                    .any(|h| mesh_api::validate::host_covers(h, &host))
+                    .any(|h| mesh_api::validate::host_covers(h, host))
             }) {
-                Some((_, routes)) => (
+                Some(vh) => (
                     Reporter::Source,
                     Target::Routes {
-                        routes,
-                        service: host.as_str().into(),
+                        routes: &vh.routes,
+                        service: vh.name.clone(),
                         port,
                     },
                 ),

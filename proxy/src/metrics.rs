@@ -192,6 +192,38 @@ fn service_labels(service: &Arc<str>, out: &mut Vec<Label>) {
     out.push(Label::new("destination_service_namespace", ns));
 }
 
+/// One series' labels, in Istio's names: request series carry a response
+/// code and gRPC status, TCP series do not.
+fn istio_labels(
+    reporter: Reporter,
+    (source, destination): (&Peer, &Peer),
+    service: &Arc<str>,
+    protocol: &'static str,
+    response: Option<(u16, Option<u32>)>,
+    flags: &'static str,
+    mtls: bool,
+) -> Vec<Label> {
+    let mut labels = Vec::with_capacity(28);
+    labels.push(Label::new("reporter", reporter.as_str()));
+    peer_labels("source", source, &mut labels);
+    peer_labels("destination", destination, &mut labels);
+    service_labels(service, &mut labels);
+    labels.push(Label::new("request_protocol", protocol));
+    if let Some((code, grpc)) = response {
+        labels.push(Label::new("response_code", code.to_string()));
+        labels.push(Label::new(
+            "grpc_response_status",
+            grpc.map(|s| s.to_string()).unwrap_or_default(),
+        ));
+    }
+    labels.push(Label::new("response_flags", flags));
+    labels.push(Label::new(
+        "connection_security_policy",
+        if mtls { "mutual_tls" } else { "none" },
+    ));
+    labels
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -250,22 +282,15 @@ impl Metrics {
         if let Some(h) = map.get(l) {
             return h.clone();
         }
-        let mut labels = Vec::with_capacity(28);
-        labels.push(Label::new("reporter", l.reporter.as_str()));
-        peer_labels("source", &l.source, &mut labels);
-        peer_labels("destination", &l.destination, &mut labels);
-        service_labels(&l.destination_service, &mut labels);
-        labels.push(Label::new("request_protocol", l.protocol));
-        labels.push(Label::new("response_code", l.response_code.to_string()));
-        labels.push(Label::new(
-            "grpc_response_status",
-            l.grpc_status.map(|s| s.to_string()).unwrap_or_default(),
-        ));
-        labels.push(Label::new("response_flags", l.response_flags));
-        labels.push(Label::new(
-            "connection_security_policy",
-            if l.mtls { "mutual_tls" } else { "none" },
-        ));
+        let labels = istio_labels(
+            l.reporter,
+            (&l.source, &l.destination),
+            &l.destination_service,
+            l.protocol,
+            Some((l.response_code, l.grpc_status)),
+            l.response_flags,
+            l.mtls,
+        );
         let key = |name: &'static str| Key::from_parts(name, labels.clone());
         let h = Arc::new(RequestHandles {
             total: self
@@ -305,17 +330,15 @@ impl Metrics {
         if let Some(h) = map.get(l) {
             return h.clone();
         }
-        let mut labels = Vec::with_capacity(24);
-        labels.push(Label::new("reporter", l.reporter.as_str()));
-        peer_labels("source", &l.source, &mut labels);
-        peer_labels("destination", &l.destination, &mut labels);
-        service_labels(&l.destination_service, &mut labels);
-        labels.push(Label::new("request_protocol", "tcp"));
-        labels.push(Label::new("response_flags", l.response_flags));
-        labels.push(Label::new(
-            "connection_security_policy",
-            if l.mtls { "mutual_tls" } else { "none" },
-        ));
+        let labels = istio_labels(
+            l.reporter,
+            (&l.source, &l.destination),
+            &l.destination_service,
+            "tcp",
+            None,
+            l.response_flags,
+            l.mtls,
+        );
         let key = |name: &'static str| Key::from_parts(name, labels.clone());
         let h = Arc::new(TcpHandles {
             opened: self

@@ -244,9 +244,17 @@ pub struct InboundPort {
     pub cluster: Arc<Cluster>,
 }
 
+/// A gateway virtual host: the hosts it serves (lower case) and its routes.
+pub struct VirtualHost {
+    pub hosts: Vec<String>,
+    /// Its first host, the `destination_service` of its traffic.
+    pub name: Arc<str>,
+    pub routes: Vec<Route>,
+}
+
 pub struct Gateway {
     pub protocol: Protocol,
-    pub vhosts: Vec<(Vec<String>, Vec<Route>)>,
+    pub vhosts: Vec<VirtualHost>,
     pub tcp: TcpRoutes,
 }
 
@@ -339,6 +347,19 @@ impl Compiler<'_> {
         list.iter()
             .enumerate()
             .map(|(i, w)| Ok((self.cluster(&w.cluster, &format!("{path}[{i}]"))?, w.weight)))
+            .collect()
+    }
+
+    fn tcp_routes(&self, routes: &[model::TcpRoute], path: &str) -> Result<TcpRoutes, String> {
+        routes
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                Ok((
+                    t.port,
+                    self.weighted(&t.clusters, &format!("{path}.tcp[{i}].clusters"))?,
+                ))
+            })
             .collect()
     }
 
@@ -597,23 +618,15 @@ fn compile_gateway(g: &GatewayListener, c: &Compiler, path: &str) -> Result<Gate
                 .enumerate()
                 .map(|(j, r)| c.route(r, &format!("{path}.virtualHosts[{i}].routes[{j}]")))
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok((
-                vh.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            let hosts: Vec<String> = vh.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+            Ok(VirtualHost {
+                name: hosts.first().map_or("unknown", String::as_str).into(),
+                hosts,
                 routes,
-            ))
+            })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let tcp = g
-        .tcp
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            Ok((
-                t.port,
-                c.weighted(&t.clusters, &format!("{path}.tcp[{i}].clusters"))?,
-            ))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let tcp = c.tcp_routes(&g.tcp, path)?;
     Ok(Gateway {
         protocol: g.protocol,
         vhosts,
@@ -660,17 +673,7 @@ pub fn compile(
             .enumerate()
             .map(|(j, r)| compiler.route(r, &format!("{path}.http[{j}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        let tcp = d
-            .tcp
-            .iter()
-            .enumerate()
-            .map(|(j, t)| {
-                Ok((
-                    t.port,
-                    compiler.weighted(&t.clusters, &format!("{path}.tcp[{j}].clusters"))?,
-                ))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let tcp = compiler.tcp_routes(&d.tcp, &path)?;
         let dest = Arc::new(Destination {
             host: d.host.as_str().into(),
             port: d.port,
