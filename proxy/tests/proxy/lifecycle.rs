@@ -44,7 +44,13 @@ async fn config_swaps_under_load_fail_no_request() {
     for i in 0..20 {
         let cfg = if i % 2 == 0 { &to_v2 } else { &to_v1 };
         p.apply(serde_yaml::from_str(cfg).unwrap()).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Let the load make progress under each config before the next swap.
+        let before = done.load(Ordering::Relaxed);
+        assert!(
+            eventually(Duration::from_secs(5), || done.load(Ordering::Relaxed)
+                >= before + 10)
+            .await
+        );
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
@@ -195,7 +201,16 @@ async fn the_binary_reloads_its_file_and_drains_on_sigterm() {
     assert_eq!(send(&c, to, "svc:9080", "/", &[]).await.body, "v2");
     // A broken file is ignored; the running config stays.
     write_config(&file, "destinations: [oops");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", ports[3]).parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut rejected = false;
+    while !rejected && Instant::now() < deadline {
+        let body = send(&c, metrics, "x", "/stats/prometheus", &[]).await.body;
+        rejected = body
+            .lines()
+            .any(|l| l == "mesh_proxy_config_rejected_total 1");
+    }
+    assert!(rejected, "the broken file was not read");
     assert_eq!(send(&c, to, "svc:9080", "/", &[]).await.body, "v2");
     write_config(
         &file,
