@@ -8,7 +8,7 @@ use kube::CustomResourceExt;
 use serde_json::Value;
 
 use crate::networking::{
-    DestinationRule, Gateway, RateLimitPolicy, ServiceEntry, Sidecar, VirtualService,
+    DestinationRule, Gateway, RateLimitPolicy, ServiceEntry, Sidecar, VirtualService, WorkloadEntry,
 };
 use crate::resource::Kind;
 use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
@@ -21,6 +21,7 @@ pub fn crd(kind: Kind) -> CustomResourceDefinition {
         Kind::Gateway => Gateway::crd(),
         Kind::ServiceEntry => ServiceEntry::crd(),
         Kind::Sidecar => Sidecar::crd(),
+        Kind::WorkloadEntry => WorkloadEntry::crd(),
         Kind::RateLimitPolicy => RateLimitPolicy::crd(),
         Kind::PeerAuthentication => PeerAuthentication::crd(),
         Kind::AuthorizationPolicy => AuthorizationPolicy::crd(),

@@ -1,10 +1,12 @@
 //! The mesh's config API: resource types (`networking.mesh.dev/v1`,
 //! `security.mesh.dev/v1`), reading them from YAML, conversion from Istio's
-//! apiVersions and legacy RouteRules, validation, and the CRDs.
+//! apiVersions and legacy RouteRules, validation, the CRDs, the compiled
+//! proxy-config model and the discovery protocol that carries it.
 
 pub mod analysis;
 pub mod convert;
 pub mod crd;
+pub mod discovery;
 pub mod duration;
 pub mod legacy;
 pub mod load;

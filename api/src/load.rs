@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 use crate::legacy::RouteRule;
 use crate::networking::{
-    DestinationRule, Gateway, RateLimitPolicy, ServiceEntry, Sidecar, VirtualService,
+    DestinationRule, Gateway, RateLimitPolicy, ServiceEntry, Sidecar, VirtualService, WorkloadEntry,
 };
 use crate::resource::{Kind, Resource};
 use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
@@ -268,6 +268,7 @@ pub fn parse_resource(
         Kind::Gateway => read!(Gateway),
         Kind::ServiceEntry => read!(ServiceEntry),
         Kind::Sidecar => read!(Sidecar),
+        Kind::WorkloadEntry => read!(WorkloadEntry),
         Kind::RateLimitPolicy => read!(RateLimitPolicy),
         Kind::PeerAuthentication => read!(PeerAuthentication),
         Kind::AuthorizationPolicy => read!(AuthorizationPolicy),

@@ -47,6 +47,22 @@ pub struct ProxyConfig {
     pub outbound_policy: OutboundPolicy,
 }
 
+/// What pilot sends a proxy about itself (the discovery protocol's
+/// `Workload` resource): everything in [`ProxyConfig`] but the outbound
+/// destinations and clusters, which arrive one by one.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadResource {
+    #[serde(default)]
+    pub workload: Workload,
+    #[serde(default)]
+    pub inbound: Inbound,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateway_listeners: Vec<GatewayListener>,
+    #[serde(default)]
+    pub outbound_policy: OutboundPolicy,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Workload {

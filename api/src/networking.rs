@@ -970,8 +970,27 @@ pub enum ServiceEntryResolution {
     DnsRoundRobin,
 }
 
-/// An endpoint of a ServiceEntry (Istio's WorkloadEntry fields).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+/// A workload that is not a Kubernetes pod (a VM, a process on a laptop):
+/// its address, labels, ports and identity. Services select it by labels as
+/// they select pods; a ServiceEntry lists the same fields inline as its
+/// endpoints.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "networking.mesh.dev",
+    version = "v1",
+    kind = "WorkloadEntry",
+    namespaced,
+    derive = "PartialEq",
+    derive = "Default",
+    shortname = "we",
+    category = "mesh",
+    printcolumn = r#"{"name":"Address","type":"string","jsonPath":".spec.address"}"#,
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadEntrySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
 use crate::networking::{
-    DestinationRule, Gateway, RateLimitPolicy, ServiceEntry, Sidecar, VirtualService,
+    DestinationRule, Gateway, RateLimitPolicy, ServiceEntry, Sidecar, VirtualService, WorkloadEntry,
 };
 use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
@@ -25,6 +25,7 @@ pub enum Kind {
     Gateway,
     ServiceEntry,
     Sidecar,
+    WorkloadEntry,
     RateLimitPolicy,
     PeerAuthentication,
     AuthorizationPolicy,
@@ -32,12 +33,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Gateway,
         Kind::ServiceEntry,
         Kind::Sidecar,
+        Kind::WorkloadEntry,
         Kind::RateLimitPolicy,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
@@ -51,6 +53,7 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::ServiceEntry => "ServiceEntry",
             Kind::Sidecar => "Sidecar",
+            Kind::WorkloadEntry => "WorkloadEntry",
             Kind::RateLimitPolicy => "RateLimitPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
@@ -82,6 +85,7 @@ impl Kind {
             Kind::Gateway => "gateways",
             Kind::ServiceEntry => "serviceentries",
             Kind::Sidecar => "sidecars",
+            Kind::WorkloadEntry => "workloadentries",
             Kind::RateLimitPolicy => "ratelimitpolicies",
             Kind::PeerAuthentication => "peerauthentications",
             Kind::AuthorizationPolicy => "authorizationpolicies",
@@ -96,6 +100,7 @@ impl Kind {
             Kind::Gateway => Some("gw"),
             Kind::ServiceEntry => Some("se"),
             Kind::Sidecar => None,
+            Kind::WorkloadEntry => Some("we"),
             Kind::RateLimitPolicy => Some("rlp"),
             Kind::PeerAuthentication => Some("pa"),
             Kind::AuthorizationPolicy => Some("ap"),
@@ -134,6 +139,7 @@ pub enum Resource {
     Gateway(Gateway),
     ServiceEntry(ServiceEntry),
     Sidecar(Sidecar),
+    WorkloadEntry(WorkloadEntry),
     RateLimitPolicy(RateLimitPolicy),
     PeerAuthentication(PeerAuthentication),
     AuthorizationPolicy(AuthorizationPolicy),
@@ -148,6 +154,7 @@ macro_rules! each_resource {
             Resource::Gateway($r) => $e,
             Resource::ServiceEntry($r) => $e,
             Resource::Sidecar($r) => $e,
+            Resource::WorkloadEntry($r) => $e,
             Resource::RateLimitPolicy($r) => $e,
             Resource::PeerAuthentication($r) => $e,
             Resource::AuthorizationPolicy($r) => $e,
@@ -164,6 +171,7 @@ impl Resource {
             Resource::Gateway(_) => Kind::Gateway,
             Resource::ServiceEntry(_) => Kind::ServiceEntry,
             Resource::Sidecar(_) => Kind::Sidecar,
+            Resource::WorkloadEntry(_) => Kind::WorkloadEntry,
             Resource::RateLimitPolicy(_) => Kind::RateLimitPolicy,
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,

@@ -18,7 +18,7 @@ use crate::networking::{
     DestinationRuleSpec, GatewaySpec, Headers, HttpMatchRequest, HttpRoute, LoadBalancerSettings,
     OutlierDetection, Percent, RateLimit, RateLimitPolicySpec, ServerTlsMode, ServerTlsSettings,
     ServiceEntryResolution, ServiceEntrySpec, SidecarSpec, StringMatch, TrafficPolicy,
-    VirtualServiceSpec,
+    VirtualServiceSpec, WorkloadEntrySpec,
 };
 use crate::resource::{ROOT_NAMESPACE, Resource, ResourceKey};
 use crate::security::{
@@ -381,6 +381,7 @@ pub fn validate(resource: &Resource) -> Vec<Problem> {
         Resource::Gateway(r) => gateway(&mut c, &r.spec),
         Resource::ServiceEntry(r) => service_entry(&mut c, &r.spec),
         Resource::Sidecar(r) => sidecar(&mut c, &r.spec),
+        Resource::WorkloadEntry(r) => workload_entry(&mut c, &r.spec),
         Resource::RateLimitPolicy(r) => rate_limit_policy(&mut c, &r.spec),
         Resource::PeerAuthentication(r) => peer_authentication(&mut c, &r.spec),
         Resource::AuthorizationPolicy(r) => authorization_policy(&mut c, &r.spec),
@@ -1464,6 +1465,33 @@ fn service_entry(c: &mut Checker, s: &ServiceEntrySpec) {
         c.selector("spec.workloadSelector", ws);
     }
     c.export_to(&s.export_to);
+}
+
+// ---------------------------------------------------------------------------
+// WorkloadEntry
+// ---------------------------------------------------------------------------
+
+fn workload_entry(c: &mut Checker, w: &WorkloadEntrySpec) {
+    match w.address.as_deref() {
+        None | Some("") => c.err("spec.address", "required"),
+        Some(addr) if addr.parse::<IpAddr>().is_err() => c.err(
+            "spec.address",
+            format!("must be an IP address, got {addr:?}"),
+        ),
+        Some(_) => {}
+    }
+    for (name, port) in &w.ports {
+        c.port(format!("spec.ports[{name}]"), *port);
+    }
+    c.selector_map("spec.labels", &w.labels);
+    if let Some(sa) = &w.service_account
+        && let Err(why) = check_dns_label(sa)
+    {
+        c.err("spec.serviceAccount", why);
+    }
+    if w.weight == Some(0) {
+        c.warn("spec.weight", "weight 0 sends no traffic to this workload");
+    }
 }
 
 // ---------------------------------------------------------------------------

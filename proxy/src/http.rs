@@ -195,12 +195,40 @@ pub async fn serve(
         return Ok(generated(Reason::NoConfig));
     };
     let start = Instant::now();
-    let mut resp = handle(&proxy, &snap, &conn, req, start).await;
+    let mut resp = handle(&proxy, &snap, &conn, req, start, true).await;
     if proxy.draining.load(Ordering::Relaxed) && resp.version() != Version::HTTP_2 {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(resp)
+}
+
+/// On a destination miss with pilot configured: asks pilot for it (once per
+/// name; the request waits, bounded, for the answer) and returns the new
+/// snapshot to route with. `None` when there is nothing new to try.
+async fn demand(
+    proxy: &Arc<Proxy>,
+    authority: &str,
+    default_port: u16,
+    orig: Option<SocketAddr>,
+) -> Option<Arc<Snapshot>> {
+    let xds = proxy.xds.get()?;
+    let mut names = Vec::with_capacity(2);
+    if !authority.is_empty() {
+        let (host, port) = split_authority(authority, default_port);
+        names.push(format!("{}:{port}", host.to_ascii_lowercase()));
+    }
+    if let Some(o) = orig {
+        names.push(o.to_string());
+    }
+    if names.is_empty() || names.iter().all(|n| xds.answered(n)) {
+        return None;
+    }
+    xds.demand(&names).await;
+    if !names.iter().any(|n| xds.answered(n)) {
+        return None;
+    }
+    proxy.config.load()
 }
 
 fn authority_of(req: &Request<Incoming>) -> Option<&str> {
@@ -217,6 +245,7 @@ async fn handle(
     conn: &Arc<ConnInfo>,
     req: Request<Incoming>,
     start: Instant,
+    may_demand: bool,
 ) -> Response<Body> {
     // Owned only when needed after `req` moves on (gateway host matching).
     let authority: &str = authority_of(&req).unwrap_or("");
@@ -225,6 +254,12 @@ async fn handle(
             let dest = snap
                 .destination(authority, orig.port())
                 .or_else(|| snap.by_addr.get(&orig));
+            if dest.is_none()
+                && may_demand
+                && let Some(fresh) = demand(proxy, authority, orig.port(), Some(orig)).await
+            {
+                return Box::pin(handle(proxy, &fresh, conn, req, start, false)).await;
+            }
             match (dest, snap.outbound_policy) {
                 (Some(d), _) => routes_of(d),
                 (None, OutboundPolicy::AllowAny) => passthrough(proxy, orig),
@@ -237,7 +272,14 @@ async fn handle(
             } else {
                 80
             };
-            match snap.destination(authority, default_port) {
+            let dest = snap.destination(authority, default_port);
+            if dest.is_none()
+                && may_demand
+                && let Some(fresh) = demand(proxy, authority, default_port, None).await
+            {
+                return Box::pin(handle(proxy, &fresh, conn, req, start, false)).await;
+            }
+            match dest {
                 Some(d) => routes_of(d),
                 None => match (snap.outbound_policy, resolve(authority, default_port).await) {
                     (OutboundPolicy::AllowAny, Some(addr)) => passthrough(proxy, addr),

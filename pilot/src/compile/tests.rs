@@ -1,0 +1,257 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use mesh_api::model::{OutboundPolicy, Protocol, RouteAction};
+
+use super::*;
+use crate::source::Files;
+
+/// Inputs from YAML, read the way the files source reads them.
+pub(crate) fn inputs(yaml: &str) -> Inputs {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "mesh-pilot-compile-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("in.yaml"), yaml).unwrap();
+    let loaded = Files {
+        path: dir.clone(),
+        interval: std::time::Duration::from_secs(1),
+    }
+    .load()
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(loaded.errors, Vec::<String>::new());
+    loaded.inputs
+}
+
+const REVIEWS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 10.0.0.9
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, targetPort: web}]
+---
+apiVersion: networking.mesh.dev/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v1, namespace: shop}
+spec: {address: 10.1.0.1, ports: {web: 19080}, labels: {app: reviews, version: v1}}
+---
+apiVersion: networking.mesh.dev/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v2, namespace: shop}
+spec: {address: 10.1.0.2, ports: {web: 19081}, labels: {app: reviews, version: v2}}
+---
+apiVersion: networking.mesh.dev/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    portLevelSettings:
+    - port: {number: 9080}
+      loadBalancer: {simple: LEAST_REQUEST}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {loadBalancer: {simple: RANDOM}}
+"#;
+
+fn svc<'a>(i: &'a Inputs, host: &str) -> &'a Service {
+    i.service_by_host(host).expect("service")
+}
+
+#[test]
+fn without_a_virtual_service_a_destination_goes_to_its_default_cluster() {
+    let i = inputs(REVIEWS);
+    let s = svc(&i, "reviews.shop.svc.cluster.local");
+    let d = destination(&i, s, &s.ports[0]);
+    assert_eq!(d.protocol, Protocol::Http);
+    assert_eq!(
+        d.addresses,
+        vec!["10.0.0.9".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let RouteAction::Forward(to) = &d.http[0].action else {
+        panic!("forward")
+    };
+    assert_eq!(
+        to[0].cluster,
+        "outbound|9080||reviews.shop.svc.cluster.local"
+    );
+    assert_eq!(d.tcp[0].clusters[0].cluster, to[0].cluster);
+}
+
+#[test]
+fn weighted_subsets_become_weighted_clusters_with_the_route_settings() {
+    let i = inputs(&format!(
+        "{REVIEWS}---\n{}",
+        r#"apiVersion: networking.mesh.dev/v1
+kind: Gateway
+metadata: {name: public, namespace: shop}
+spec:
+  selector: {mesh: ingressgateway}
+  servers: [{port: {number: 8080, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    fault: {abort: {httpStatus: 500, percentage: {value: 100}}}
+    route: [{destination: {host: reviews, subset: v2}}]
+  - match: [{uri: {prefix: /gw}, gateways: [shop/public]}]
+    route: [{destination: {host: reviews, subset: v1}}]
+  - timeout: 2s
+    route:
+    - {destination: {host: reviews, subset: v1}, weight: 80}
+    - {destination: {host: reviews, subset: v2}, weight: 20}
+"#
+    ));
+    let s = svc(&i, "reviews.shop.svc.cluster.local");
+    let d = destination(&i, s, &s.ports[0]);
+    // The gateway-only route is not a sidecar's.
+    assert_eq!(d.http.len(), 2);
+    assert!(d.http[0].fault.is_some());
+    let RouteAction::Forward(to) = &d.http[1].action else {
+        panic!("forward")
+    };
+    let got: Vec<_> = to.iter().map(|w| (w.cluster.as_str(), w.weight)).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("outbound|9080|v1|reviews.shop.svc.cluster.local", 80),
+            ("outbound|9080|v2|reviews.shop.svc.cluster.local", 20)
+        ]
+    );
+    assert_eq!(d.http[1].timeout.map(|t| t.as_std().as_secs()), Some(2));
+}
+
+#[test]
+fn clusters_hold_their_subset_endpoints_and_merged_policies() {
+    let i = inputs(REVIEWS);
+    let all = cluster(&i, "outbound|9080||reviews.shop.svc.cluster.local");
+    let addrs: Vec<String> = all
+        .endpoints
+        .iter()
+        .map(|e| e.address.to_string())
+        .collect();
+    assert_eq!(addrs, vec!["10.1.0.1:19080", "10.1.0.2:19081"]);
+    assert_eq!(all.service, "reviews.shop.svc.cluster.local");
+    // Port-level settings win over the top level…
+    let lb = |c: &Cluster| format!("{:?}", c.load_balancer.as_ref().and_then(|l| l.simple));
+    assert_eq!(lb(&all), "Some(LeastRequest)");
+    let v2 = cluster(&i, "outbound|9080|v2|reviews.shop.svc.cluster.local");
+    assert_eq!(v2.endpoints.len(), 1);
+    assert_eq!(v2.endpoints[0].address.to_string(), "10.1.0.2:19081");
+    assert_eq!(v2.endpoints[0].workload.as_deref(), Some("reviews"));
+    // …and a subset's policy over both.
+    assert_eq!(lb(&v2), "Some(Random)");
+    // Unknown subsets and hosts are empty clusters, not errors.
+    assert!(
+        cluster(&i, "outbound|9080|v9|reviews.shop.svc.cluster.local")
+            .endpoints
+            .is_empty()
+    );
+    assert!(
+        cluster(&i, "outbound|80||nowhere.example.com")
+            .endpoints
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_workload_gets_the_ports_of_the_services_that_select_it() {
+    let i = inputs(&format!(
+        "{REVIEWS}---\n{}",
+        r#"apiVersion: networking.mesh.dev/v1
+kind: Sidecar
+metadata: {name: default, namespace: shop}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+"#
+    ));
+    let node = NodeInfo {
+        workload: "reviews-v1".into(),
+        namespace: "shop".into(),
+        labels: [("app", "reviews"), ("version", "v1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        service_account: "reviews".into(),
+        ..Default::default()
+    };
+    let w = workload(&i, &node, &MeshSettings::default());
+    assert_eq!(w.inbound.ports.len(), 1);
+    assert_eq!(w.inbound.ports[0].port, 19080, "named targetPort resolved");
+    assert_eq!(
+        w.inbound.ports[0].service.as_deref(),
+        Some("reviews.shop.svc.cluster.local")
+    );
+    assert_eq!(w.workload.canonical_revision, "v1");
+    assert_eq!(w.outbound_policy, OutboundPolicy::RegistryOnly);
+    assert!(w.gateway_listeners.is_empty());
+}
+
+#[test]
+fn a_gateway_serves_the_virtual_services_bound_to_it() {
+    let i = inputs(&format!(
+        "{REVIEWS}---\n{}",
+        r#"apiVersion: networking.mesh.dev/v1
+kind: Gateway
+metadata: {name: public, namespace: shop}
+spec:
+  selector: {mesh: ingressgateway}
+  servers: [{port: {number: 8080, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.mesh.dev/v1
+kind: VirtualService
+metadata: {name: front, namespace: shop}
+spec:
+  hosts: ["shop.example.com"]
+  gateways: [public]
+  http:
+  - match: [{uri: {prefix: /reviews}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+"#
+    ));
+    let node = NodeInfo {
+        workload: "ingressgateway".into(),
+        namespace: "mesh-system".into(),
+        labels: [("mesh".to_string(), "ingressgateway".to_string())].into(),
+        gateway: true,
+        ..Default::default()
+    };
+    let w = workload(&i, &node, &MeshSettings::default());
+    assert_eq!(w.gateway_listeners.len(), 1);
+    let l = &w.gateway_listeners[0];
+    assert_eq!((l.port, l.protocol), (8080, Protocol::Http));
+    assert_eq!(l.virtual_hosts[0].hosts, vec!["shop.example.com"]);
+    let RouteAction::Forward(to) = &l.virtual_hosts[0].routes[0].action else {
+        panic!("forward")
+    };
+    assert_eq!(
+        to[0].cluster,
+        "outbound|9080|v1|reviews.shop.svc.cluster.local"
+    );
+    // A proxy the Gateway does not select gets no listeners.
+    let other = NodeInfo {
+        gateway: true,
+        ..node.clone()
+    };
+    let other = NodeInfo {
+        labels: Default::default(),
+        ..other
+    };
+    assert!(
+        workload(&i, &other, &MeshSettings::default())
+            .gateway_listeners
+            .is_empty()
+    );
+}

@@ -1,0 +1,135 @@
+//! `mesh-pilot`: the control plane binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use mesh_api::model::OutboundPolicy;
+use mesh_pilot::{Config, Debounce, MeshSettings, source};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Exit status for invalid configuration (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "mesh-pilot", version, about = "The mesh's control plane")]
+struct Cli {
+    /// A directory (or file) of YAML: mesh and Istio resources, Kubernetes
+    /// Services and WorkloadEntries; re-read when it changes.
+    #[arg(long, env = "MESH_CONFIG_DIR", value_name = "DIR")]
+    config_dir: Option<PathBuf>,
+    /// Plaintext xDS.
+    #[arg(long, default_value = "0.0.0.0:15010")]
+    xds_addr: SocketAddr,
+    /// Metrics, debug and readiness.
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    http_addr: SocketAddr,
+    /// What sidecars do with traffic to hosts pilot does not know.
+    #[arg(long, value_enum, default_value_t = Policy::AllowAny)]
+    outbound_policy: Policy,
+    #[arg(long, default_value = mesh_api::resource::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Push once changes have been quiet this long…
+    #[arg(long, default_value = "2ms", value_parser = parse_duration)]
+    debounce_quiet: Duration,
+    /// …or this long after the first change of a burst.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    debounce_max: Duration,
+    /// How often the config directory is checked for changes.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    reload_interval: Duration,
+    /// Log format; the filter comes from MESH_LOG (default "info").
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Policy {
+    AllowAny,
+    RegistryOnly,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    mesh_api::Duration::parse(s)
+        .map(|d| d.as_std())
+        .map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    match cli.log_format {
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json())
+            .init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
+    }
+    let Some(dir) = cli.config_dir.clone() else {
+        eprintln!(
+            "mesh-pilot: no source: give --config-dir DIR (the Kubernetes source is not part of this build)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if !dir.exists() {
+        eprintln!(
+            "mesh-pilot: --config-dir {}: no such file or directory",
+            dir.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if cli.debounce_quiet > cli.debounce_max {
+        eprintln!("mesh-pilot: --debounce-quiet must not exceed --debounce-max");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let cfg = Config {
+        xds_addr: cli.xds_addr,
+        http_addr: cli.http_addr,
+        mesh: MeshSettings {
+            outbound_policy: match cli.outbound_policy {
+                Policy::AllowAny => OutboundPolicy::AllowAny,
+                Policy::RegistryOnly => OutboundPolicy::RegistryOnly,
+            },
+            trust_domain: cli.trust_domain,
+        },
+        debounce: Debounce {
+            quiet: cli.debounce_quiet,
+            max: cli.debounce_max,
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mesh-pilot: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let files = source::Files {
+            path: dir,
+            interval: cli.reload_interval,
+        };
+        let _running = match mesh_pilot::start(cfg, files).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("mesh-pilot: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let _ = tokio::signal::ctrl_c().await;
+        ExitCode::SUCCESS
+    })
+}
