@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
+
+mod xds_scale;
 use http::header::{HOST, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Empty, Full};
@@ -46,6 +48,9 @@ enum Command {
     Origin(OriginArgs),
     /// Send requests at a fixed rate and print latency percentiles as JSON.
     Load(LoadArgs),
+    /// Pilot with N services and M simulated proxies: config propagation
+    /// latency, pilot CPU and memory.
+    XdsScale(xds_scale::ScaleArgs),
 }
 
 #[derive(Args)]
@@ -120,6 +125,7 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Origin(a) => runtime(a.threads)?.block_on(origin(a)),
+        Command::XdsScale(a) => xds_scale::run(a),
         Command::Load(a) => {
             let report = runtime(a.threads)?.block_on(load(&a))?;
             println!("{}", report.to_json(&a));

@@ -86,10 +86,13 @@ async fn mesh(name: &str) -> Mesh {
     Mesh { dir, v1, v2 }
 }
 
+/// Each request's completion time and outcome.
+type Results = Vec<(Instant, Result<Got, String>)>;
+
 /// A steady stream of requests through `proxy`, until stopped.
 struct Load {
     stop: Arc<AtomicBool>,
-    results: Arc<Mutex<Vec<(Instant, Result<Got, String>)>>>,
+    results: Arc<Mutex<Results>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -113,7 +116,7 @@ fn load(proxy: SocketAddr) -> Load {
 }
 
 impl Load {
-    async fn finish(self) -> Vec<(Instant, Result<Got, String>)> {
+    async fn finish(self) -> Results {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
         std::mem::take(&mut *self.results.lock().await)
@@ -127,7 +130,7 @@ impl Load {
     }
 }
 
-fn failures(results: &[(Instant, Result<Got, String>)]) -> Vec<String> {
+fn failures(results: &Results) -> Vec<String> {
     results
         .iter()
         .filter_map(|(_, r)| match r {

@@ -323,14 +323,16 @@ impl Inputs {
 
 type Changed<'a, K, V> = Vec<(&'a K, Option<&'a V>, Option<&'a V>)>;
 
-fn changed<'a, K: Ord, V: PartialEq>(
-    a: &'a BTreeMap<K, V>,
-    b: &'a BTreeMap<K, V>,
-) -> Changed<'a, K, V> {
+/// Entries that differ; the same `Arc` (the common case after a clone) is
+/// equal without looking inside.
+fn changed<'a, K: Ord, T: PartialEq>(
+    a: &'a BTreeMap<K, Arc<T>>,
+    b: &'a BTreeMap<K, Arc<T>>,
+) -> Changed<'a, K, Arc<T>> {
     let mut out = Vec::new();
     for (k, v) in a {
         match b.get(k) {
-            Some(w) if w == v => {}
+            Some(w) if Arc::ptr_eq(w, v) || w == v => {}
             other => out.push((k, Some(v), other)),
         }
     }

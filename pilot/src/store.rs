@@ -219,22 +219,29 @@ impl Store {
         let started = Instant::now();
         let inputs = self.inputs();
         let full = !change.kinds.is_empty();
-        // Compute outside the write lock; readers keep going meanwhile.
-        let (old_dest_keys, old_clusters, nodes): (Vec<String>, Vec<String>, Vec<NodeInfo>) = {
-            let c = self.read();
-            (
-                c.destinations.keys().cloned().collect(),
-                c.clusters.keys().cloned().collect(),
-                c.workloads.keys().cloned().collect(),
-            )
-        };
         let host_of = |k: &str| split_name(k).0.to_string();
         let dirty_host = |h: &str| full || change.hosts.contains(h);
-        // Destinations of changed hosts (all on a config change).
-        let gone: Vec<String> = old_dest_keys
-            .into_iter()
-            .filter(|k| dirty_host(&host_of(k)))
-            .collect();
+        // Compute outside the write lock; readers keep going meanwhile.
+        let (gone, old_clusters, nodes): (Vec<String>, Vec<String>, Vec<NodeInfo>) = {
+            let c = self.read();
+            (
+                c.destinations
+                    .keys()
+                    .filter(|k| dirty_host(split_name(k).0))
+                    .cloned()
+                    .collect(),
+                c.clusters
+                    .keys()
+                    .filter(|name| parse_cluster_name(name).is_some_and(|(_, _, h)| dirty_host(h)))
+                    .cloned()
+                    .collect(),
+                c.workloads
+                    .keys()
+                    .filter(|n| full || change.namespaces.contains(&n.namespace) || n.gateway)
+                    .cloned()
+                    .collect(),
+            )
+        };
         let mut new_dest: HashMap<String, Built> = HashMap::new();
         let mut new_ips = Vec::new();
         let services: Vec<_> = if full {
@@ -261,7 +268,6 @@ impl Store {
         // Workload resources of affected namespaces.
         let new_workloads: Vec<(NodeInfo, Built)> = nodes
             .into_iter()
-            .filter(|n| full || change.namespaces.contains(&n.namespace) || n.gateway)
             .map(|n| {
                 let b = self.build_workload(&inputs, &n);
                 (n, b)
@@ -270,7 +276,6 @@ impl Store {
         // Clusters of changed hosts.
         let new_clusters: Vec<(String, Built)> = old_clusters
             .iter()
-            .filter(|name| parse_cluster_name(name).is_some_and(|(_, _, h)| dirty_host(h)))
             .map(|name| {
                 (
                     name.clone(),

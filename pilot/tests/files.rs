@@ -14,9 +14,9 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
-fn files(d: &PathBuf) -> Files {
+fn files(d: &std::path::Path) -> Files {
     Files {
-        path: d.clone(),
+        path: d.to_path_buf(),
         interval: Duration::from_millis(10),
     }
 }
