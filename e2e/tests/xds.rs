@@ -247,9 +247,15 @@ async fn pilot_killed_and_restarted_under_load_fails_no_request() {
     let load = load(proxy);
     tokio::time::sleep(Duration::from_millis(100)).await;
     pilot.kill();
-    // The proxy keeps serving its last config while pilot is gone…
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!caller.proxy.xds.get().unwrap().connected());
+    // The proxy notices pilot is gone and keeps serving its last config…
+    let xds_client = caller.proxy.xds.get().unwrap().clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let c = xds_client.clone();
+            async move { !c.connected() }
+        })
+        .await
+    );
     write(&m.dir.join("route.yaml"), &route_to("v2"));
     let _pilot = PilotProcess::start(&m.dir, xds, http);
     // …reconnects, and picks up what changed meanwhile.
