@@ -122,11 +122,30 @@ impl Load {
         std::mem::take(&mut *self.results.lock().await)
     }
 
-    async fn last_body(&self) -> Option<String> {
-        let r = self.results.lock().await;
-        r.last()
-            .and_then(|(_, g)| g.as_ref().ok())
-            .map(|g| g.body.clone())
+    /// Waits until `n` requests have completed (the load is under way).
+    async fn wait_for(&self, n: usize) {
+        let results = self.results.clone();
+        let ok = eventually(Duration::from_secs(10), || {
+            let results = results.clone();
+            async move { results.lock().await.len() >= n }
+        })
+        .await;
+        assert!(ok, "the load made {n} requests");
+    }
+
+    /// Waits (bounded) until the latest response body is `body`.
+    async fn wait_for_body(&self, body: &str, deadline: Duration) -> bool {
+        let results = self.results.clone();
+        eventually(deadline, || {
+            let results = results.clone();
+            async move {
+                let r = results.lock().await;
+                r.last()
+                    .and_then(|(_, g)| g.as_ref().ok())
+                    .is_some_and(|g| g.body == body)
+            }
+        })
+        .await
     }
 }
 
@@ -180,18 +199,16 @@ async fn a_route_change_flips_traffic_under_load_without_errors() {
     );
 
     let load = load(proxy);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    load.wait_for(20).await;
     let changed = Instant::now();
     write(&m.dir.join("route.yaml"), &route_to("v2"));
-    let mut flipped = None;
-    for _ in 0..300 {
-        if load.last_body().await.as_deref() == Some("callme-v2") {
-            flipped = Some(changed.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let flipped = load
+        .wait_for_body("callme-v2", Duration::from_secs(2))
+        .await
+        .then(|| changed.elapsed());
+    // Some requests after the flip, all answered by v2.
+    let settled = load.results.lock().await.len();
+    load.wait_for(settled + 20).await;
     let results = load.finish().await;
     let flipped = flipped.expect("traffic moved to v2");
     println!(
@@ -245,7 +262,7 @@ async fn pilot_killed_and_restarted_under_load_fails_no_request() {
     assert_eq!(first.body, "callme-v1", "{first:?}");
 
     let load = load(proxy);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    load.wait_for(20).await;
     pilot.kill();
     // The proxy notices pilot is gone and keeps serving its last config…
     let xds_client = caller.proxy.xds.get().unwrap().clone();
@@ -259,14 +276,9 @@ async fn pilot_killed_and_restarted_under_load_fails_no_request() {
     write(&m.dir.join("route.yaml"), &route_to("v2"));
     let _pilot = PilotProcess::start(&m.dir, xds, http);
     // …reconnects, and picks up what changed meanwhile.
-    let mut moved = false;
-    for _ in 0..1000 {
-        if load.last_body().await.as_deref() == Some("callme-v2") {
-            moved = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let moved = load
+        .wait_for_body("callme-v2", Duration::from_secs(10))
+        .await;
     let results = load.finish().await;
     assert!(moved, "the change made while pilot was down arrived");
     assert_eq!(

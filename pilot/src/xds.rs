@@ -279,30 +279,25 @@ impl Conn {
             && let Some((rty, carried)) = self.inflight.remove(&req.response_nonce)
         {
             let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
-            match &req.error_detail {
-                Some(err) => {
-                    self.metrics.nack(SHORT[rty]);
-                    tracing::warn!(proxy = %st.proxy, r#type = SHORT[rty], error = %err.message, "proxy rejected config");
-                    for (name, version) in carried {
-                        let e = st
-                            .resources
-                            .entry(format!("{}/{name}", SHORT[rty]))
-                            .or_default();
-                        if e.sent == *version {
-                            e.nack = Some(err.message.clone());
-                        }
-                    }
+            let nack = req.error_detail.as_ref().map(|e| e.message.clone());
+            if let Some(err) = &nack {
+                self.metrics.nack(SHORT[rty]);
+                tracing::warn!(proxy = %st.proxy, r#type = SHORT[rty], error = %err, "proxy rejected config");
+            }
+            for (name, version) in carried {
+                let e = st
+                    .resources
+                    .entry(format!("{}/{name}", SHORT[rty]))
+                    .or_default();
+                // A late answer about an older version changes nothing.
+                if e.sent != *version {
+                    continue;
                 }
-                None => {
-                    for (name, version) in carried {
-                        let e = st
-                            .resources
-                            .entry(format!("{}/{name}", SHORT[rty]))
-                            .or_default();
-                        if e.sent == *version {
-                            e.acked = Some(version.to_string());
-                            e.nack = None;
-                        }
+                match &nack {
+                    Some(err) => e.nack = Some(err.clone()),
+                    None => {
+                        e.acked = Some(version.to_string());
+                        e.nack = None;
                     }
                 }
             }
