@@ -15,6 +15,7 @@ pub mod networking;
 pub mod resource;
 pub mod security;
 pub mod selector;
+pub mod sync;
 pub mod validate;
 
 pub use duration::Duration;

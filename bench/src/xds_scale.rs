@@ -66,6 +66,7 @@ fn endpoint(i: usize, n: usize) -> Workload {
         ports: Default::default(),
         weight: 1,
         locality: None,
+        ready: true,
     }
 }
 

@@ -164,14 +164,9 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn free_port() -> u16 {
-    free_port_on(&["127.0.0.1".parse().unwrap()])
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_route_change_flips_traffic_under_load_without_errors() {
-    let m = mesh("flip").await;
-    let pilot = mesh_pilot::start(
+/// Pilot in this process, on loopback ports, reading `dir` every 10 ms.
+async fn start_pilot(dir: &Path) -> mesh_pilot::Running {
+    mesh_pilot::start(
         Config {
             xds_addr: local(0),
             http_addr: local(0),
@@ -179,12 +174,22 @@ async fn a_route_change_flips_traffic_under_load_without_errors() {
             debounce: Debounce::default(),
         },
         Files {
-            path: m.dir.clone(),
+            path: dir.to_path_buf(),
             interval: Duration::from_millis(10),
         },
     )
     .await
-    .expect("pilot starts");
+    .expect("pilot starts")
+}
+
+fn free_port() -> u16 {
+    free_port_on(&["127.0.0.1".parse().unwrap()])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_change_flips_traffic_under_load_without_errors() {
+    let m = mesh("flip").await;
+    let pilot = start_pilot(&m.dir).await;
     let caller = sidecar(pilot.xds_addr, "caller", &[("app", "caller")]).await;
     let proxy = caller.explicit.unwrap();
     assert!(ready(&caller).await, "the proxy got its config");
@@ -299,4 +304,172 @@ async fn a_proxy_that_never_reached_pilot_answers_503_saying_why() {
         .unwrap();
     assert_eq!(got.status, 503);
     assert_eq!(got.reason, "no config from control plane");
+}
+
+/// Stands between proxies and pilot, passing everything through, except
+/// that while `corrupt` is set it replaces the bodies of Destination
+/// resources with one no proxy can read. Records the NACKs proxies send.
+#[derive(Clone)]
+struct Relay {
+    upstream: SocketAddr,
+    corrupt: Arc<AtomicBool>,
+    nacks: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+type RelayStream = tokio_stream::wrappers::ReceiverStream<
+    Result<mesh_api::discovery::DeltaDiscoveryResponse, tonic::Status>,
+>;
+
+#[tonic::async_trait]
+impl mesh_api::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService
+    for Relay
+{
+    type DeltaAggregatedResourcesStream = RelayStream;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<mesh_api::discovery::DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<RelayStream>, tonic::Status> {
+        use mesh_api::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+        let mut from_proxy = request.into_inner();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.upstream))
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let (up, up_rx) = tokio::sync::mpsc::channel(64);
+        let nacks = self.nacks.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = from_proxy.message().await {
+                if let Some(e) = &req.error_detail {
+                    nacks.lock().unwrap().push(e.message.clone());
+                }
+                if up.send(req).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut from_pilot = AggregatedDiscoveryServiceClient::new(channel)
+            .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(up_rx))
+            .await?
+            .into_inner();
+        let (down, down_rx) = tokio::sync::mpsc::channel(64);
+        let corrupt = self.corrupt.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(mut resp)) = from_pilot.message().await {
+                if resp.type_url == mesh_api::discovery::DESTINATION
+                    && corrupt.load(Ordering::Relaxed)
+                {
+                    for r in &mut resp.resources {
+                        r.body = br#"{"host": 7}"#.as_slice().into();
+                    }
+                }
+                if down.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(down_rx),
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_resource_is_nacked_shown_and_the_previous_version_keeps_serving() {
+    let m = mesh("nack").await;
+    let pilot = start_pilot(&m.dir).await;
+    let relay = Relay {
+        upstream: pilot.xds_addr,
+        corrupt: Arc::new(AtomicBool::new(false)),
+        nacks: Arc::default(),
+    };
+    let listener = tokio::net::TcpListener::bind(local(0)).await.unwrap();
+    let relay_addr = listener.local_addr().unwrap();
+    let server = tonic::transport::Server::builder()
+        .add_service(
+            mesh_api::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer::new(
+                relay.clone(),
+            ),
+        )
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    let server = tokio::spawn(server);
+    let caller = sidecar(relay_addr, "caller", &[("app", "caller")]).await;
+    let proxy = caller.explicit.unwrap();
+    assert!(ready(&caller).await, "the proxy got its config");
+    let c = client();
+    assert_eq!(
+        get(&c, proxy, "callme:8080", "/").await.unwrap().body,
+        "callme-v1"
+    );
+
+    // The next version of the destination arrives unreadable.
+    relay.corrupt.store(true, Ordering::Relaxed);
+    write(&m.dir.join("route.yaml"), &route_to("v2"));
+    let nacks = relay.nacks.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let n = nacks.clone();
+            async move { !n.lock().unwrap().is_empty() }
+        })
+        .await,
+        "the proxy NACKed"
+    );
+    let nack = relay.nacks.lock().unwrap()[0].clone();
+    assert!(nack.starts_with("callme:8080: "), "{nack}");
+    // The proxy keeps routing with the version it had.
+    for _ in 0..20 {
+        let got = get(&c, proxy, "callme:8080", "/").await.unwrap();
+        assert_eq!((got.status, got.body.as_str()), (200, "callme-v1"));
+    }
+    // Pilot knows, and `meshctl proxy-status` says which resource and why.
+    let status = pilot.http_addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(binary("meshctl"))
+            .args(["proxy-status", "--pilot", &status])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let row = table
+        .lines()
+        .find(|l| l.contains(" default/caller "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("NACKED"), "{table}");
+    assert!(
+        table.contains("rejected Destination/callme:8080 version") && table.contains(&nack),
+        "{table}"
+    );
+
+    // A readable next version is taken, and the proxy is in sync again.
+    relay.corrupt.store(false, Ordering::Relaxed);
+    write(
+        &m.dir.join("route.yaml"),
+        &route_to("v2").replace("- route:", "- timeout: 5s\n    route:"),
+    );
+    let moved = eventually(Duration::from_secs(5), || {
+        let c = c.clone();
+        async move {
+            get(&c, proxy, "callme:8080", "/")
+                .await
+                .is_ok_and(|g| g.body == "callme-v2")
+        }
+    })
+    .await;
+    assert!(moved, "the next valid version applied");
+    let status = pilot.http_addr;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            http_get(status, "/debug/syncz")
+                .await
+                .is_some_and(|b| b.contains("\"state\":\"SYNCED\"") && !b.contains("\"nack\""))
+        })
+        .await,
+        "{:?}",
+        http_get(status, "/debug/syncz").await
+    );
+    server.abort();
 }

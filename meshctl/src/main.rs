@@ -9,6 +9,9 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use mesh_api::analysis::{self, Source};
 use mesh_api::convert::{Output, convert};
 
+mod pilot;
+mod status;
+
 #[derive(Parser)]
 #[command(
     name = "meshctl",
@@ -60,6 +63,22 @@ enum Command {
             value_name = "FILE|DIR|-"
         )]
         files: Vec<PathBuf>,
+    },
+    /// Show which version of its config each proxy runs.
+    ///
+    /// Asks pilot which resources it sent each connected proxy and which
+    /// the proxy acknowledged: SYNCED (all acknowledged), STALE (something
+    /// not acknowledged yet) or NACKED (the proxy rejected something and
+    /// runs its previous version; the error is printed below the table).
+    /// Name a proxy (its id or `namespace/workload`) to list each resource.
+    ProxyStatus {
+        /// A proxy id or `namespace/workload`.
+        proxy: Option<String>,
+        /// Pilot's status address (HOST:PORT).
+        #[arg(long, env = "MESH_PILOT", default_value = pilot::DEFAULT_ADDR)]
+        pilot: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
+        output: Format,
     },
     /// Print the version.
     Version {
@@ -172,6 +191,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Analyze { files, output } => analyze(&files, output),
         Command::Convert { files } => convert_cmd(&files),
+        Command::ProxyStatus {
+            proxy,
+            pilot,
+            output,
+        } => {
+            status::proxy_status(
+                &pilot,
+                proxy.as_deref(),
+                output,
+                &mut std::io::stdout().lock(),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version { short } => {
             if short {
                 println!("{}", env!("CARGO_PKG_VERSION"));

@@ -14,12 +14,16 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 /// Exit status for invalid configuration (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+/// Exit status when no cluster can be reached (sysexits EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser)]
 #[command(name = "mesh-pilot", version, about = "The mesh's control plane")]
 struct Cli {
     /// A directory (or file) of YAML: mesh and Istio resources, Kubernetes
-    /// Services and WorkloadEntries; re-read when it changes.
+    /// Services and WorkloadEntries; re-read when it changes. Without it,
+    /// pilot watches the Kubernetes cluster it runs in (or the one of the
+    /// current kubeconfig context).
     #[arg(long, env = "MESH_CONFIG_DIR", value_name = "DIR")]
     config_dir: Option<PathBuf>,
     /// Plaintext xDS.
@@ -75,13 +79,9 @@ fn main() -> ExitCode {
             .init(),
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
     }
-    let Some(dir) = cli.config_dir.clone() else {
-        eprintln!(
-            "mesh-pilot: no source: give --config-dir DIR (the Kubernetes source is not part of this build)"
-        );
-        return ExitCode::from(EXIT_CONFIG);
-    };
-    if !dir.exists() {
+    if let Some(dir) = &cli.config_dir
+        && !dir.exists()
+    {
         eprintln!(
             "mesh-pilot: --config-dir {}: no such file or directory",
             dir.display()
@@ -118,11 +118,26 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let files = source::Files {
-            path: dir,
-            interval: cli.reload_interval,
+        let started = match cli.config_dir {
+            Some(path) => {
+                let files = source::Files {
+                    path,
+                    interval: cli.reload_interval,
+                };
+                mesh_pilot::start(cfg, files).await
+            }
+            None => match kube::Client::try_default().await {
+                Ok(client) => mesh_pilot::start(cfg, source::Kubernetes::new(client)).await,
+                Err(e) => {
+                    eprintln!(
+                        "mesh-pilot: no Kubernetes cluster to watch: {e}\n\
+                         (run in a cluster, set KUBECONFIG, or give --config-dir DIR)"
+                    );
+                    return ExitCode::from(EXIT_UNAVAILABLE);
+                }
+            },
         };
-        let _running = match mesh_pilot::start(cfg, files).await {
+        let _running = match started {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("mesh-pilot: {e}");

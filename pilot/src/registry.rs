@@ -16,6 +16,10 @@ use serde::Serialize;
 /// The DNS suffix of service hosts.
 pub const CLUSTER_DOMAIN: &str = "svc.cluster.local";
 
+/// The label naming the service of an EndpointSlice; the endpoints of a
+/// service without a selector carry it.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
 /// `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ObjectKey {
@@ -99,6 +103,7 @@ impl Service {
                 addresses.push(ip);
             }
         }
+        let selectorless = spec.selector.as_ref().is_none_or(|s| s.is_empty());
         let mut ports = Vec::new();
         for (i, p) in spec.ports.iter().flatten().enumerate() {
             let port = u16::try_from(p.port)
@@ -111,6 +116,10 @@ impl Service {
             }
             let pname = p.name.clone().unwrap_or_default();
             let target = match &p.target_port {
+                // Without a selector the endpoints are listed elsewhere
+                // (EndpointSlices), with their ports named after the
+                // service's: targetPort does not apply.
+                _ if selectorless => TargetPort::Name(pname.clone()),
                 None => TargetPort::Number(port),
                 Some(IntOrString::Int(n)) => TargetPort::Number(
                     u16::try_from(*n)
@@ -146,6 +155,16 @@ impl Service {
     pub fn port(&self, port: u16) -> Option<&ServicePort> {
         self.ports.iter().find(|p| p.port == port)
     }
+
+    /// Whether a workload of the service's namespace is one of its
+    /// endpoints (ready or not): by selector, or for a service without
+    /// one, by the EndpointSlice label naming it.
+    pub fn selects(&self, w: &Workload) -> bool {
+        match &self.selector {
+            Some(s) => s.iter().all(|(k, v)| w.labels.get(k) == Some(v)),
+            None => w.labels.get(SERVICE_NAME_LABEL) == Some(&self.key.name),
+        }
+    }
 }
 
 /// A workload instance: a pod or a WorkloadEntry.
@@ -159,6 +178,9 @@ pub struct Workload {
     pub ports: BTreeMap<String, u16>,
     pub weight: u32,
     pub locality: Option<String>,
+    /// Whether it takes traffic. A pod that is not ready still gets its own
+    /// config (its proxy needs it to become ready) but is no endpoint.
+    pub ready: bool,
 }
 
 impl Workload {
@@ -194,6 +216,7 @@ impl Workload {
             ports,
             weight: spec.weight.unwrap_or(1),
             locality: spec.locality.clone(),
+            ready: true,
         })
     }
 
@@ -259,17 +282,14 @@ impl Inputs {
             .map(|(_, s)| s)
     }
 
-    /// Workloads a service selects.
+    /// The ready workloads a service selects.
     pub fn endpoints_of<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Arc<Workload>> {
-        let selector = svc.selector.as_ref();
         let ns = svc.key.namespace.as_str();
         self.workloads
             .range(ObjectKey::new(ns, "")..)
             .take_while(move |(k, _)| k.namespace == ns)
             .map(|(_, w)| w)
-            .filter(move |w| {
-                selector.is_some_and(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-            })
+            .filter(move |w| w.ready && svc.selects(w))
     }
 
     /// Config resources of one kind.
@@ -303,11 +323,7 @@ impl Inputs {
                     .services_in(&k.namespace)
                     .chain(self.services_in(&k.namespace))
                 {
-                    if svc
-                        .selector
-                        .as_ref()
-                        .is_some_and(|s| s.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-                    {
+                    if svc.selects(w) {
                         change.hosts.insert(svc.host.clone());
                     }
                 }
@@ -398,6 +414,7 @@ spec:
             ports: Default::default(),
             weight: 1,
             locality: None,
+            ready: true,
         };
         b.workloads.insert(w.key.clone(), Arc::new(w));
         let c = a.diff(&b);

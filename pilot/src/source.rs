@@ -18,6 +18,9 @@ use crate::metrics::Metrics;
 use crate::registry::{Inputs, ObjectKey, Service, Workload};
 use crate::store::Store;
 
+mod kubernetes;
+pub use kubernetes::{Kubernetes, endpoints_of_slice, workload_of_pod};
+
 /// Where a source writes: the store, the metrics, and the readiness flag it
 /// raises once its first complete view is in.
 #[derive(Clone)]
@@ -103,48 +106,7 @@ impl Files {
                 }
             }
         }
-        let present: Vec<ResourceKey> = {
-            // Every resource the documents name, valid or not.
-            let (converted, _) = mesh_api::convert::convert(docs.clone());
-            converted
-                .into_iter()
-                .filter_map(|c| match c.item {
-                    mesh_api::convert::Output::Resource(r) => Some(r.key()),
-                    _ => None,
-                })
-                .collect()
-        };
-        let Analysis {
-            findings,
-            resources,
-        } = analysis::analyze(docs);
-        let mut bad: Vec<String> = Vec::new();
-        for f in &findings {
-            if f.severity == Severity::Error {
-                out.errors.push(f.to_string());
-                if let Some(r) = &f.resource {
-                    bad.push(r.clone());
-                }
-            }
-        }
-        for r in resources {
-            let key = r.key();
-            if bad.contains(&key.to_string()) {
-                continue;
-            }
-            add_resource(&mut out.inputs, r, &mut out.errors);
-        }
-        for key in present {
-            let applied = out.inputs.config.contains_key(&key)
-                || (key.kind == mesh_api::Kind::WorkloadEntry
-                    && out
-                        .inputs
-                        .workloads
-                        .contains_key(&ObjectKey::new(&key.namespace, &key.name)));
-            if !applied && !out.rejected.contains(&key) {
-                out.rejected.push(key);
-            }
-        }
+        load_config(docs, &mut out);
         Ok(out)
     }
 }
@@ -166,15 +128,7 @@ impl Source for Files {
                 last_stamp = stamp;
                 match self.load() {
                     Ok(loaded) => {
-                        for e in &loaded.errors {
-                            tracing::error!(source = "files", "rejected: {e}");
-                        }
-                        for k in &loaded.rejected {
-                            metrics.rejected(k.kind.name());
-                        }
-                        for _ in &loaded.rejected_services {
-                            metrics.rejected("Service");
-                        }
+                        report(&loaded, "files", &metrics);
                         good = merge_last_good(&good, loaded);
                         let next = good.clone();
                         store.update(|i| *i = next);
@@ -186,6 +140,68 @@ impl Source for Files {
                 }
             }
             tokio::time::sleep(self.interval).await;
+        }
+    }
+}
+
+/// Logs what a load rejected and counts it.
+fn report(loaded: &Loaded, source: &'static str, metrics: &Metrics) {
+    for e in &loaded.errors {
+        tracing::error!(source, "rejected: {e}");
+    }
+    for k in &loaded.rejected {
+        metrics.rejected(k.kind.name());
+    }
+    for _ in &loaded.rejected_services {
+        metrics.rejected("Service");
+    }
+}
+
+/// Converts and analyzes config documents (mesh and Istio resources,
+/// RouteRules) as one set, and adds the valid ones to `out`: the analyzer's
+/// errors go to `out.errors`, resources that are present but invalid to
+/// `out.rejected`.
+pub(crate) fn load_config(docs: Vec<Document>, out: &mut Loaded) {
+    let present: Vec<ResourceKey> = {
+        // Every resource the documents name, valid or not.
+        let (converted, _) = mesh_api::convert::convert(docs.clone());
+        converted
+            .into_iter()
+            .filter_map(|c| match c.item {
+                mesh_api::convert::Output::Resource(r) => Some(r.key()),
+                _ => None,
+            })
+            .collect()
+    };
+    let Analysis {
+        findings,
+        resources,
+    } = analysis::analyze(docs);
+    let mut bad: Vec<String> = Vec::new();
+    for f in &findings {
+        if f.severity == Severity::Error {
+            out.errors.push(f.to_string());
+            if let Some(r) = &f.resource {
+                bad.push(r.clone());
+            }
+        }
+    }
+    for r in resources {
+        let key = r.key();
+        if bad.contains(&key.to_string()) {
+            continue;
+        }
+        add_resource(&mut out.inputs, r, &mut out.errors);
+    }
+    for key in present {
+        let applied = out.inputs.config.contains_key(&key)
+            || (key.kind == mesh_api::Kind::WorkloadEntry
+                && out
+                    .inputs
+                    .workloads
+                    .contains_key(&ObjectKey::new(&key.namespace, &key.name)));
+        if !applied && !out.rejected.contains(&key) {
+            out.rejected.push(key);
         }
     }
 }

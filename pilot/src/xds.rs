@@ -15,7 +15,7 @@ use mesh_api::discovery::aggregated_discovery_service_server::{
 use mesh_api::discovery::{
     self as wire, CLUSTER, DESTINATION, DeltaDiscoveryRequest, DeltaDiscoveryResponse, WORKLOAD,
 };
-use serde::Serialize;
+use mesh_api::sync::{ProxyStatus, SyncState};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -29,53 +29,6 @@ use crate::store::{Built, Store};
 #[derive(Default)]
 pub struct SyncRegistry {
     conns: Mutex<BTreeMap<u64, Arc<Mutex<ProxyStatus>>>>,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProxyStatus {
-    /// The proxy's id (`pod.namespace`).
-    pub proxy: String,
-    /// `namespace/workload`.
-    pub workload: String,
-    pub mode: String,
-    pub proxy_version: String,
-    /// Unix seconds.
-    pub connected_at: u64,
-    /// SYNCED, STALE or NACKED.
-    pub state: &'static str,
-    /// Destinations it subscribed to.
-    pub subscriptions: Vec<String>,
-    /// Per `Type/name`: what was sent, acknowledged or rejected.
-    pub resources: BTreeMap<String, ResourceStatus>,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ResourceStatus {
-    /// Empty when pilot told the proxy it does not exist.
-    pub sent: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub acked: Option<String>,
-    /// The proxy's error for the version it rejected.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nack: Option<String>,
-}
-
-impl ProxyStatus {
-    fn refresh_state(&mut self) {
-        self.state = if self.resources.values().any(|r| r.nack.is_some()) {
-            "NACKED"
-        } else if self
-            .resources
-            .values()
-            .any(|r| r.acked.as_deref() != Some(r.sent.as_str()))
-        {
-            "STALE"
-        } else {
-            "SYNCED"
-        };
-    }
 }
 
 impl SyncRegistry {
@@ -152,7 +105,7 @@ impl AggregatedDiscoveryService for Xds {
             connected_at: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            state: "STALE",
+            state: SyncState::Stale,
             ..Default::default()
         }));
         self.sync

@@ -132,12 +132,19 @@ fn an_invalid_edit_is_rejected_with_the_analyzer_message_and_the_last_valid_vers
 
 #[test]
 fn the_binary_refuses_to_start_without_a_source() {
+    // No directory and no cluster: neither in-cluster nor a kubeconfig.
+    let home = std::env::temp_dir().join(format!("mesh-pilot-home-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-pilot"))
         .args(["--xds-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
         .env_remove("MESH_CONFIG_DIR")
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", &home)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(64));
+    let _ = std::fs::remove_dir_all(&home);
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config-dir"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-pilot"))
         .args(["--config-dir", "/nonexistent/mesh"])

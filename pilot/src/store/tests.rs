@@ -65,6 +65,7 @@ fn an_endpoint_change_rebuilds_only_that_service() {
         ports: Default::default(),
         weight: 1,
         locality: None,
+        ready: true,
     };
     let mut generation = s.subscribe();
     s.update(|i| {
@@ -133,6 +134,7 @@ async fn a_burst_of_changes_becomes_one_recompute() {
                 ports: Default::default(),
                 weight: 1,
                 locality: None,
+                ready: true,
             };
             i.workloads.insert(w.key.clone(), Arc::new(w));
         });
