@@ -91,26 +91,27 @@ pub async fn sidecar(xds: SocketAddr, workload: &str, labels: &[(&str, &str)]) -
             .await
             .expect("proxy starts"),
     );
-    let client = mesh_proxy::xds::Client::new(mesh_proxy::xds::Settings {
-        addr: format!("http://{xds}"),
-        node: mesh_api::discovery::Node {
-            id: format!("{workload}-test.default"),
-            workload: workload.to_string(),
-            namespace: "default".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            service_account: workload.to_string(),
-            version: "test".into(),
-            mode: "explicit".into(),
-            gateways: Vec::new(),
+    mesh_proxy::follow_pilot(
+        &running,
+        mesh_proxy::xds::Settings {
+            addr: format!("http://{xds}"),
+            node: mesh_api::discovery::Node {
+                id: format!("{workload}-test.default"),
+                workload: workload.to_string(),
+                namespace: "default".into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                service_account: workload.to_string(),
+                version: "test".into(),
+                mode: "explicit".into(),
+                gateways: Vec::new(),
+            },
+            demand_timeout: Duration::from_secs(5),
+            backoff: (Duration::from_millis(50), Duration::from_millis(400)),
         },
-        demand_timeout: Duration::from_secs(5),
-        backoff: (Duration::from_millis(50), Duration::from_millis(400)),
-    });
-    let _ = running.proxy.xds.set(client.clone());
-    tokio::spawn(client.run(running.clone()));
+    );
     running
 }
 

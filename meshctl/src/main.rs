@@ -9,6 +9,8 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use mesh_api::analysis::{self, Source};
 use mesh_api::convert::{Output, convert};
 
+mod demo;
+mod local;
 mod pilot;
 mod status;
 
@@ -38,14 +40,8 @@ enum Command {
     /// subsets no DestinationRule defines, gateways that do not exist,
     /// conflicting resources. Exits 0 when there is no error, 1 otherwise.
     Analyze {
-        /// A file, a directory (read recursively) or `-` for stdin; repeatable.
-        #[arg(
-            short = 'f',
-            long = "filename",
-            required = true,
-            value_name = "FILE|DIR|-"
-        )]
-        files: Vec<PathBuf>,
+        #[command(flatten)]
+        input: Input,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
         output: Format,
     },
@@ -55,14 +51,67 @@ enum Command {
     /// VirtualService and DestinationRule per destination; anything else is
     /// printed unchanged. Notes go to stderr.
     Convert {
-        /// A file, a directory (read recursively) or `-` for stdin; repeatable.
+        #[command(flatten)]
+        input: Input,
+    },
+    /// Run the mesh on this machine: pilot, bookinfo with sidecars, and an
+    /// ingress gateway on 127.0.0.1:8080.
+    ///
+    /// Everything runs in this process, without root: each app sends its
+    /// calls to its sidecar as an HTTP proxy. While it runs, `meshctl
+    /// apply`, `delete`, `get` and `proxy-status` work on it without flags.
+    /// Each start begins from the sample config. Ctrl-C stops everything.
+    Demo {
+        /// The ingress gateway's port on 127.0.0.1.
+        #[arg(long, default_value_t = 8080)]
+        gateway_port: u16,
+        /// Pilot's xDS address.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds_addr: std::net::SocketAddr,
+        /// Pilot's status address (metrics, debug, readiness).
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        status_addr: std::net::SocketAddr,
+    },
+    /// Apply config to the local mesh (`meshctl demo`).
+    ///
+    /// Mesh or Istio apiVersions and legacy RouteRules. Everything is
+    /// validated first, alone and with the config already applied; if
+    /// anything is wrong nothing is applied. For a cluster, use `kubectl
+    /// apply`.
+    Apply {
+        #[command(flatten)]
+        input: Input,
+    },
+    /// Delete config from the local mesh (`meshctl demo`): the resources
+    /// the files name.
+    Delete {
+        #[command(flatten)]
+        input: Input,
+    },
+    /// List the config pilot serves: virtualservices, destinationrules,
+    /// gateways, serviceentries, sidecars, workloadentries,
+    /// peerauthentications, authorizationpolicies, requestauthentications,
+    /// ratelimitpolicies (or their short names: vs, dr, gw, …).
+    Get {
+        /// The resource type.
+        kind: String,
+        /// One resource's name.
+        name: Option<String>,
         #[arg(
-            short = 'f',
-            long = "filename",
-            required = true,
-            value_name = "FILE|DIR|-"
+            short = 'n',
+            long,
+            default_value = "default",
+            conflicts_with = "all_namespaces"
         )]
-        files: Vec<PathBuf>,
+        namespace: String,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = local::GetFormat::Table)]
+        output: local::GetFormat,
+        /// Pilot's status address (default: the local mesh's).
+        #[arg(long, env = "MESH_PILOT")]
+        pilot: Option<String>,
     },
     /// Show which version of its config each proxy runs.
     ///
@@ -74,9 +123,10 @@ enum Command {
     ProxyStatus {
         /// A proxy id or `namespace/workload`.
         proxy: Option<String>,
-        /// Pilot's status address (HOST:PORT).
-        #[arg(long, env = "MESH_PILOT", default_value = pilot::DEFAULT_ADDR)]
-        pilot: String,
+        /// Pilot's status address, HOST:PORT (default: the local mesh's, or
+        /// 127.0.0.1:15014).
+        #[arg(long, env = "MESH_PILOT")]
+        pilot: Option<String>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
         output: Format,
     },
@@ -93,6 +143,19 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// Config files to read.
+#[derive(clap::Args)]
+struct Input {
+    /// A file, a directory (read recursively) or `-` for stdin; repeatable.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        required = true,
+        value_name = "FILE|DIR|-"
+    )]
+    files: Vec<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -189,16 +252,70 @@ fn convert_cmd(files: &[PathBuf]) -> Result<ExitCode> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Analyze { files, output } => analyze(&files, output),
-        Command::Convert { files } => convert_cmd(&files),
+        Command::Analyze { input, output } => analyze(&input.files, output),
+        Command::Convert { input } => convert_cmd(&input.files),
         Command::ProxyStatus {
             proxy,
             pilot,
             output,
         } => {
+            let pilot = local::pilot_addr(pilot);
             status::proxy_status(
                 &pilot,
                 proxy.as_deref(),
+                output,
+                &mut std::io::stdout().lock(),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            gateway_port,
+            xds_addr,
+            status_addr,
+        } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+            tracing_subscriber::fmt().with_env_filter(filter).init();
+            demo::run(demo::Options {
+                gateway_port,
+                xds_addr,
+                status_addr,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apply { input } => {
+            let sources = read_sources(&input.files)?;
+            local::apply(
+                &sources,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete { input } => {
+            let sources = read_sources(&input.files)?;
+            local::delete(
+                &sources,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+            pilot,
+        } => {
+            let pilot = local::pilot_addr(pilot);
+            let ns = (!all_namespaces).then_some(namespace.as_str());
+            local::get(
+                &pilot,
+                &kind,
+                name.as_deref(),
+                ns,
                 output,
                 &mut std::io::stdout().lock(),
             )?;

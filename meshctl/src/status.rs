@@ -123,7 +123,7 @@ fn detail(p: &ProxyStatus, out: &mut dyn Write) -> Result<()> {
     write_rows(&rows, out)
 }
 
-fn write_rows(rows: &[Vec<String>], out: &mut dyn Write) -> Result<()> {
+pub(crate) fn write_rows(rows: &[Vec<String>], out: &mut dyn Write) -> Result<()> {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|c| {

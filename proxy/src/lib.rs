@@ -244,6 +244,15 @@ pub async fn start(
     Ok(running)
 }
 
+/// Takes config from pilot from now on: connects (and reconnects) in the
+/// background, and asks pilot on demand for destinations not seen yet.
+pub fn follow_pilot(running: &Arc<Running>, settings: xds::Settings) -> Arc<xds::Client> {
+    let client = xds::Client::new(settings);
+    let _ = running.proxy.xds.set(client.clone());
+    tokio::spawn(client.clone().run(running.clone()));
+    client
+}
+
 /// Reloads `path` whenever it changes (checked every `every`); a config
 /// that fails to read or compile is logged and the current one stays.
 pub async fn watch_file(running: Arc<Running>, path: PathBuf, every: Duration) {

@@ -261,14 +261,15 @@ fn main() -> ExitCode {
                 .to_string(),
                 gateways: args.gateway_names.clone(),
             };
-            let client = mesh_proxy::xds::Client::new(mesh_proxy::xds::Settings {
-                addr,
-                node,
-                demand_timeout: args.demand_timeout,
-                backoff: (Duration::from_millis(100), Duration::from_secs(10)),
-            });
-            let _ = running.proxy.xds.set(client.clone());
-            tokio::spawn(client.run(running.clone()));
+            mesh_proxy::follow_pilot(
+                &running,
+                mesh_proxy::xds::Settings {
+                    addr,
+                    node,
+                    demand_timeout: args.demand_timeout,
+                    backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+                },
+            );
         }
         if let Some(path) = args.config.clone() {
             tokio::spawn(mesh_proxy::watch_file(
