@@ -19,6 +19,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_proxy::{Addrs, ConnSettings, Proxy, Running};
 use tokio::net::TcpListener;
 
+pub mod mesh;
+
 /// An app answering every request with 200 and its name.
 pub struct App {
     pub addr: SocketAddr,
@@ -33,6 +35,12 @@ impl App {
 
 /// Starts an app on `ip:port` (port 0: any).
 pub async fn app(name: &str, ip: IpAddr, port: u16) -> App {
+    app_answering(name, ip, port, 200).await
+}
+
+/// Starts an app answering every request with `status` and its name: a
+/// broken instance when `status` is 5xx.
+pub async fn app_answering(name: &str, ip: IpAddr, port: u16, status: u16) -> App {
     let listener = TcpListener::bind(SocketAddr::new(ip, port))
         .await
         .unwrap_or_else(|e| panic!("app {name} cannot listen on {ip}:{port}: {e}"));
@@ -45,8 +53,10 @@ pub async fn app(name: &str, ip: IpAddr, port: u16) -> App {
             tokio::spawn(async move {
                 let svc = service_fn(move |_req: Request<Incoming>| {
                     h.fetch_add(1, Ordering::SeqCst);
-                    let body = name.clone();
-                    async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                    let mut resp = Response::new(Full::new(name.clone()));
+                    *resp.status_mut() =
+                        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+                    async move { Ok::<_, Infallible>(resp) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)

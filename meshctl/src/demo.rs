@@ -160,25 +160,59 @@ async fn demo(opts: Options, gateway: SocketAddr) -> Result<()> {
     };
     std::fs::write(local::state_path(), serde_json::to_vec_pretty(&state)?)?;
 
-    // Ready when the gateway serves the product page.
+    // Ready when every proxy has its config and the gateway serves the
+    // product page with its details and reviews.
     let probe = Upstream::new(None);
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut waiting: Vec<SocketAddr> = proxies
+        .iter()
+        .chain(std::iter::once(&gw))
+        .filter_map(|p| p.ready)
+        .collect();
+    let none = Default::default();
     loop {
-        let got = probe
-            .get(
-                &gateway.to_string(),
-                "/productpage",
-                &Default::default(),
-                Duration::from_secs(5),
-            )
-            .await;
-        if matches!(&got, Ok((s, _)) if s.is_success()) {
-            break;
+        let mut still = Vec::new();
+        for r in waiting {
+            let got = probe
+                .get(
+                    &r.to_string(),
+                    "/healthz/ready",
+                    &none,
+                    Duration::from_secs(2),
+                )
+                .await;
+            if !matches!(&got, Ok((s, _)) if s.is_success()) {
+                still.push(r);
+            }
         }
-        if Instant::now() > deadline {
-            bail!("the gateway did not serve /productpage within 30 s: {got:?}");
+        waiting = still;
+        let page = match waiting.is_empty() {
+            true => probe
+                .get(
+                    &gateway.to_string(),
+                    "/productpage",
+                    &none,
+                    Duration::from_secs(5),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            false => Err(format!("{} proxies without config", waiting.len())),
+        };
+        match &page {
+            Ok((s, body))
+                if s.is_success()
+                    && !String::from_utf8_lossy(body).contains("currently unavailable") =>
+            {
+                break;
+            }
+            _ if Instant::now() > deadline => {
+                bail!(
+                    "the mesh did not serve /productpage within 30 s: {:?}",
+                    page.map(|(s, _)| s)
+                );
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let home = std::env::var("HOME").unwrap_or_default();
     let shown = |p: &Path| {

@@ -1054,19 +1054,16 @@ async fn forward(
 struct RetryGuard(Arc<ClusterState>);
 
 impl RetryGuard {
-    /// Retry budget: concurrent retries are capped at `maxRetries` when set,
-    /// else at 20% of the cluster's active requests (at least 3), as Envoy's
-    /// retry budget, so retries cannot multiply load without bound.
+    /// Concurrent retries per cluster are capped at the DestinationRule's
+    /// `maxRetries`; without one they are not capped, as in Istio (whose
+    /// default is 2^32-1): under load, a cap would let a failing instance's
+    /// errors through exactly when retries are needed.
     fn acquire(cluster: &Cluster) -> Option<RetryGuard> {
         let state = &cluster.state;
-        let active = state.active_requests.load(Ordering::Relaxed);
-        let cap = cluster
-            .limits
-            .max_retries
-            .unwrap_or_else(|| (active / 5).max(3));
+        let cap = cluster.limits.max_retries.unwrap_or(u32::MAX);
         if state.active_retries.fetch_add(1, Ordering::AcqRel) >= cap {
             state.active_retries.fetch_sub(1, Ordering::AcqRel);
-            tracing::debug!(cluster = %cluster.name, "retry budget exhausted");
+            tracing::debug!(cluster = %cluster.name, cap, "maxRetries reached; not retrying");
             return None;
         }
         Some(RetryGuard(state.clone()))

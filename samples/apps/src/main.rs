@@ -7,11 +7,7 @@ use clap::{Parser, ValueEnum};
 use mesh_samples::{App, Upstream, router, serve};
 
 #[derive(Parser)]
-#[command(
-    name = "mesh-sample",
-    version,
-    about = "Runs one of the mesh's sample apps"
-)]
+#[command(name = "mesh-sample", about = "Runs one of the mesh's sample apps")]
 struct Cli {
     #[arg(value_enum)]
     app: Which,
@@ -109,4 +105,12 @@ fn main() -> ExitCode {
             _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }
