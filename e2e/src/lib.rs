@@ -20,6 +20,7 @@ use mesh_proxy::{Addrs, ConnSettings, Proxy, Running};
 use tokio::net::TcpListener;
 
 pub mod mesh;
+pub mod netns;
 
 /// An app answering every request with 200 and its name.
 pub struct App {
@@ -44,6 +45,11 @@ pub async fn app_answering(name: &str, ip: IpAddr, port: u16, status: u16) -> Ap
     let listener = TcpListener::bind(SocketAddr::new(ip, port))
         .await
         .unwrap_or_else(|e| panic!("app {name} cannot listen on {ip}:{port}: {e}"));
+    serve_app(name, listener, status)
+}
+
+/// Serves an app (as [`app_answering`]) on a bound listener.
+pub fn serve_app(name: &str, listener: TcpListener, status: u16) -> App {
     let addr = listener.local_addr().expect("bound address");
     let hits = Arc::new(AtomicUsize::new(0));
     let (name, h) = (Bytes::from(name.to_string()), hits.clone());
@@ -220,7 +226,23 @@ pub struct PilotProcess {
 
 impl PilotProcess {
     pub fn start(config_dir: &Path, xds: SocketAddr, http: SocketAddr) -> PilotProcess {
-        let child = Command::new(binary("mesh-pilot"))
+        PilotProcess::start_in(None, config_dir, xds, http)
+    }
+
+    /// Starts pilot inside a network namespace (`None`: this one).
+    pub fn start_in(
+        netns: Option<&netns::Netns>,
+        config_dir: &Path,
+        xds: SocketAddr,
+        http: SocketAddr,
+    ) -> PilotProcess {
+        let program = binary("mesh-pilot");
+        let program = program.to_str().expect("a UTF-8 path");
+        let mut cmd = match netns {
+            Some(ns) => ns.exec(program),
+            None => Command::new(program),
+        };
+        let child = cmd
             .arg("--config-dir")
             .arg(config_dir)
             .args(["--xds-addr", &xds.to_string()])

@@ -1,15 +1,34 @@
-//! A mesh of real binaries on loopback: `mesh-pilot` reading a config
-//! directory, each workload a `mesh-sample` process with a `mesh-proxy`
-//! sidecar process in explicit mode (the app sends its calls to the
-//! sidecar as an HTTP proxy), and a `mesh-proxy` ingress gateway.
+//! A mesh of real binaries: `mesh-pilot` reading a config directory, each
+//! workload a `mesh-sample` app with a `mesh-proxy` sidecar, and a
+//! `mesh-proxy` ingress gateway, each a separate process.
+//!
+//! Two variants, chosen by what the machine allows:
+//! - **Namespaces** (root, `ip`, iptables, `setpriv`): each workload is a
+//!   pod, its own network namespace routed through a hub namespace where
+//!   pilot runs. Services have cluster IPs that the pods' `/etc/hosts`
+//!   name; `mesh-proxy init` installs the capture rules and the sidecar
+//!   runs as UID 1337, so apps make plain connections and the sidecars
+//!   intercept them, outbound and inbound, as in Kubernetes.
+//! - **Explicit** (anywhere): everything on loopback; each app sends its
+//!   calls to its sidecar as an HTTP proxy.
+//!
+//! The test's own requests and apps live where the gateway and pods can
+//! be reached: the hub, or this namespace.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::{PilotProcess, binary, eventually, free_port_on, http_get};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+use crate::netns::{HUB, Network};
+use crate::{App, PilotProcess, binary, client, free_port_on, http_get, serve_app};
 
 /// One workload: a sample app and its version, behind a service.
 #[derive(Clone, Debug)]
@@ -47,15 +66,26 @@ impl Drop for Proc {
     }
 }
 
+/// The answer to one request.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: u16,
+    pub body: String,
+    pub took: Duration,
+}
+
 pub struct LocalMesh {
     pub dir: PathBuf,
-    pub pilot: PilotProcess,
-    /// The ingress gateway's listener (its Gateway's port on 127.0.0.1).
+    pilot: std::sync::Mutex<PilotProcess>,
+    /// The ingress gateway's listener.
     pub gateway: SocketAddr,
     gateway_route: (String, String, u16),
     procs: BTreeMap<String, Vec<Proc>>,
     /// Each workload's app address.
     pub apps: BTreeMap<String, SocketAddr>,
+    /// The pods, in the namespace variant (dropped last: after the
+    /// processes in them).
+    net: Option<Network>,
 }
 
 fn free_port() -> u16 {
@@ -73,51 +103,97 @@ pub fn write_atomic(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename config");
 }
 
+/// The namespace variant runs unless `MESH_E2E_EXPLICIT` is set or the
+/// machine cannot.
+fn use_namespaces() -> Result<(), String> {
+    if std::env::var_os("MESH_E2E_EXPLICIT").is_some() {
+        return Err("MESH_E2E_EXPLICIT is set".into());
+    }
+    match crate::netns::unavailable() {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
+}
+
 impl LocalMesh {
     /// Starts pilot, the workloads with their sidecars, and a gateway
-    /// exposing `gateway_host_port` (`caller-service:8090`) on every path
-    /// under `prefix`. `services` are `(name, port)`; workloads select
-    /// by `app: <service>`.
+    /// sending paths under `prefix` to `host:port` (`gateway_route`).
+    /// `services` are `(name, port)`; workloads select by `app: <service>`
+    /// and listen on their service's port.
     pub async fn start(
         name: &str,
-        services: &[(&str, u16)],
+        services: &[(&'static str, u16)],
         workloads: &[Workload],
         gateway_route: (&str, &str, u16),
     ) -> LocalMesh {
         let dir = std::env::temp_dir().join(format!("mesh-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("config dir");
-        let gateway = local(free_port());
+        let mut net = match use_namespaces() {
+            Ok(()) => {
+                println!("e2e {name}: pods in network namespaces, transparent capture");
+                let prefix = format!(
+                    "m{}{}",
+                    std::process::id() % 100_000,
+                    &name[..name.len().min(4)]
+                );
+                Some(Network::new(&prefix))
+            }
+            Err(why) => {
+                println!("e2e {name}: explicit mode on loopback ({why})");
+                None
+            }
+        };
+        let port_of = |svc: &str| services.iter().find(|(s, _)| *s == svc).map(|(_, p)| *p);
         let mut platform = String::new();
-        for (svc, port) in services {
+        let mut hosts = String::from("127.0.0.1 localhost\n");
+        for (i, (svc, port)) in services.iter().enumerate() {
+            let cluster_ip = format!("10.96.0.{}", i + 10);
             platform.push_str(&format!(
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}}}\n\
-                 spec: {{selector: {{app: {svc}}}, ports: [{{name: http, port: {port}, targetPort: http}}]}}\n---\n"
+                 spec: {{clusterIP: {cluster_ip}, selector: {{app: {svc}}}, ports: [{{name: http, port: {port}, targetPort: http}}]}}\n---\n"
+            ));
+            hosts.push_str(&format!(
+                "{cluster_ip} {svc} {svc}.default {svc}.default.svc.cluster.local\n"
             ));
         }
         let mut apps = BTreeMap::new();
         for w in workloads {
-            let addr = local(free_port());
+            let addr = match &mut net {
+                Some(n) => SocketAddr::new(
+                    n.pod(&w.name),
+                    port_of(w.service).expect("the workload's service"),
+                ),
+                None => local(free_port()),
+            };
             apps.insert(w.name.clone(), addr);
             platform.push_str(&entry(&w.name, w.service, w.version, addr));
+        }
+        let gateway = match &mut net {
+            Some(n) => SocketAddr::new(n.pod("gateway"), 8080),
+            None => local(free_port()),
+        };
+        if let Some(n) = &net {
+            for p in &n.pods {
+                p.hosts(&hosts);
+            }
         }
         write_atomic(&dir.join("platform.yaml"), &platform);
         write_atomic(
             &dir.join("gateway.yaml"),
             &gateway_yaml(gateway.port(), gateway_route, ""),
         );
-        let (xds, http) = (local(free_port()), local(free_port()));
-        let pilot = PilotProcess::start(&dir, xds, http);
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                http_get(http, "/ready").await.is_some()
-            })
-            .await,
-            "pilot became ready"
-        );
+        let (xds, http) = match &net {
+            Some(_) => (
+                SocketAddr::new(HUB.into(), 15010),
+                SocketAddr::new(HUB.into(), 15014),
+            ),
+            None => (local(free_port()), local(free_port())),
+        };
+        let pilot = PilotProcess::start_in(net.as_ref().map(|n| &n.hub), &dir, xds, http);
         let mut mesh = LocalMesh {
             dir,
-            pilot,
+            pilot: std::sync::Mutex::new(pilot),
             gateway,
             gateway_route: (
                 gateway_route.0.to_string(),
@@ -126,51 +202,97 @@ impl LocalMesh {
             ),
             procs: BTreeMap::new(),
             apps,
+            net,
         };
+        mesh.wait_ready(http, "/ready", "pilot").await;
         let mut ready = Vec::new();
         for w in workloads {
-            ready.push(mesh.run(w));
+            ready.push((w.name.clone(), mesh.run(w)));
         }
-        ready.push(mesh.proxy("ingressgateway", &[("mesh", "ingressgateway")], None));
-        for r in ready {
-            assert!(
-                eventually(Duration::from_secs(15), || async {
-                    http_get(r, "/healthz/ready").await.is_some()
-                })
-                .await,
-                "a proxy became ready ({r})"
-            );
+        ready.push((
+            "ingressgateway".into(),
+            mesh.proxy(
+                "ingressgateway",
+                "gateway",
+                &[("mesh", "ingressgateway")],
+                None,
+            ),
+        ));
+        for (name, r) in ready {
+            mesh.wait_ready(r, "/healthz/ready", &name).await;
         }
-        let gw = mesh.gateway;
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                tokio::net::TcpStream::connect(gw).await.is_ok()
-            })
-            .await,
-            "the gateway listens on {gw}"
-        );
         mesh
+    }
+
+    async fn wait_ready(&self, addr: SocketAddr, path: &'static str, what: &str) {
+        let ok = self
+            .within(move || async move {
+                crate::eventually(Duration::from_secs(15), || async {
+                    http_get(addr, path).await.is_some()
+                })
+                .await
+            })
+            .await;
+        assert!(ok, "{what} became ready ({addr}{path})");
+    }
+
+    /// Runs `f` where the mesh can be reached: on a thread in the hub
+    /// namespace, or here.
+    pub async fn within<T, Fut>(&self, f: impl FnOnce() -> Fut + Send + 'static) -> T
+    where
+        T: Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        match &self.net {
+            None => f().await,
+            Some(n) => n
+                .hub
+                .spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime")
+                        .block_on(f())
+                })
+                .await
+                .expect("the hub thread"),
+        }
     }
 
     /// Starts a workload's app and sidecar; returns the sidecar's
     /// readiness address.
     fn run(&mut self, w: &Workload) -> SocketAddr {
-        let explicit = local(free_port());
-        let ready = self.proxy(
-            &w.name,
-            &[("app", w.service), ("version", w.version)],
-            Some(explicit),
-        );
-        let app = Command::new(binary("mesh-sample"))
-            .arg(w.app)
+        let app_addr = self.apps[&w.name];
+        let labels = [("app", w.service), ("version", w.version)];
+        let (ready, explicit) = match &self.net {
+            Some(_) => (self.proxy(&w.name, "sidecar", &labels, None), None),
+            None => {
+                let explicit = local(free_port());
+                (
+                    self.proxy(&w.name, "explicit", &labels, Some(explicit)),
+                    Some(explicit),
+                )
+            }
+        };
+        let program = binary("mesh-sample");
+        let program = program.to_str().expect("a UTF-8 path");
+        let mut cmd = match &self.net {
+            Some(n) => n.ns(&w.name).exec(program),
+            None => Command::new(program),
+        };
+        cmd.arg(w.app)
             .args(["--version", w.version])
-            .args(["--listen", &self.apps[&w.name].to_string()])
-            .args(["--proxy", &explicit.to_string()])
             .args(["--callme-url", "http://callme-service:8091"])
             .args(["--name", &w.name])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("mesh-sample starts");
+            .env_remove("HTTP_PROXY")
+            .stdin(Stdio::null());
+        match explicit {
+            Some(p) => cmd
+                .args(["--listen", &app_addr.to_string()])
+                .args(["--proxy", &p.to_string()]),
+            None => cmd.args(["--listen", &format!("0.0.0.0:{}", app_addr.port())]),
+        };
+        let app = cmd.spawn().expect("mesh-sample starts");
         self.procs
             .entry(w.name.clone())
             .or_default()
@@ -178,41 +300,115 @@ impl LocalMesh {
         ready
     }
 
-    /// Starts a `mesh-proxy` process: a sidecar in explicit mode listening
-    /// on `explicit`, or without it the ingress gateway.
+    /// Starts a `mesh-proxy` process in `mode` (`sidecar`, `explicit` on
+    /// `explicit`, or `gateway`); returns its readiness address.
     fn proxy(
         &mut self,
         name: &str,
+        mode: &str,
         labels: &[(&str, &str)],
         explicit: Option<SocketAddr>,
     ) -> SocketAddr {
-        let ready = local(free_port());
-        let mut cmd = Command::new(binary("mesh-proxy"));
-        cmd.args(["--xds", &self.pilot.xds.to_string()])
+        let program = binary("mesh-proxy");
+        let program = program.to_str().expect("a UTF-8 path").to_string();
+        let mut cmd;
+        let ready;
+        match &self.net {
+            Some(n) => {
+                // In its pod: defaults for every port, and for a sidecar
+                // the capture rules first, as the init container does.
+                let ns = n.ns(if mode == "gateway" { "gateway" } else { name });
+                let pod_ip = if mode == "gateway" {
+                    self.gateway.ip()
+                } else {
+                    self.apps[name].ip()
+                };
+                ready = SocketAddr::new(pod_ip, 15021);
+                if mode == "sidecar" {
+                    let init = ns
+                        .exec(&program)
+                        .args(["init", "--proxy-uid", "1337", "--proxy-gid", "1337"])
+                        .output()
+                        .expect("mesh-proxy init runs");
+                    assert!(
+                        init.status.success(),
+                        "mesh-proxy init: {}",
+                        String::from_utf8_lossy(&init.stderr)
+                    );
+                    cmd = ns.exec("setpriv");
+                    cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups", &program]);
+                } else {
+                    cmd = ns.exec(&program);
+                    cmd.args(["--gateway-bind", "0.0.0.0"]);
+                }
+            }
+            None => {
+                ready = local(free_port());
+                cmd = Command::new(&program);
+                cmd.args(["--admin-addr", &local(free_port()).to_string()])
+                    .args(["--metrics-addr", &local(free_port()).to_string()])
+                    .args(["--ready-addr", &ready.to_string()])
+                    .args(["--inbound-addr", &local(free_port()).to_string()]);
+                match explicit {
+                    Some(addr) => cmd.args(["--explicit-addr", &addr.to_string()]),
+                    None => cmd.args(["--gateway-bind", "127.0.0.1"]),
+                };
+            }
+        }
+        cmd.args(["--mode", mode])
+            .args(["--xds", &self.pilot().xds.to_string()])
             .args(["--workload", name])
             .args(["--proxy-id", &format!("{name}.default")])
-            .args(["--admin-addr", &local(free_port()).to_string()])
-            .args(["--metrics-addr", &local(free_port()).to_string()])
-            .args(["--ready-addr", &ready.to_string()])
             .args(["--drain-timeout", "1s"])
-            .env("MESH_LOG", "warn")
+            .env("MESH_LOG", "error")
             .stdin(Stdio::null());
         for (k, v) in labels {
             cmd.args(["--label", &format!("{k}={v}")]);
         }
-        match explicit {
-            Some(addr) => cmd
-                .args(["--mode", "explicit"])
-                .args(["--explicit-addr", &addr.to_string()])
-                .args(["--inbound-addr", &local(free_port()).to_string()]),
-            None => cmd.args(["--mode", "gateway", "--gateway-bind", "127.0.0.1"]),
-        };
         let child = cmd.spawn().expect("mesh-proxy starts");
         self.procs
             .entry(name.to_string())
             .or_default()
             .push(Proc(child));
         ready
+    }
+
+    /// An app of the test's own (answering `status` and its name) that the
+    /// mesh's workloads can reach.
+    pub async fn app(&self, name: &str, status: u16) -> App {
+        let listener = match &self.net {
+            None => std::net::TcpListener::bind("127.0.0.1:0"),
+            Some(n) => n
+                .hub
+                .spawn(|| std::net::TcpListener::bind(SocketAddr::new(HUB.into(), 0)))
+                .await
+                .expect("the hub thread"),
+        }
+        .expect("bind an app");
+        listener.set_nonblocking(true).expect("nonblocking");
+        serve_app(
+            name,
+            tokio::net::TcpListener::from_std(listener).expect("a tokio listener"),
+            status,
+        )
+    }
+
+    /// `n` GETs of `path` through the gateway, `concurrency` at a time.
+    pub async fn requests(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        n: usize,
+        concurrency: usize,
+    ) -> Vec<Outcome> {
+        let gateway = self.gateway;
+        let path = path.to_string();
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.within(move || requests(gateway, path, headers, n, concurrency))
+            .await
     }
 
     /// Rewrites the gateway's route with more fields (`timeout: 300ms`).
@@ -237,14 +433,85 @@ impl LocalMesh {
     pub fn kill(&mut self, workload: &str) {
         self.procs.remove(workload);
     }
+
+    fn pilot(&self) -> std::sync::MutexGuard<'_, PilotProcess> {
+        self.pilot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// SIGKILLs pilot.
+    pub fn kill_pilot(&self) {
+        self.pilot().kill();
+    }
+
+    /// Starts pilot again on the same addresses; waits until it is ready.
+    pub async fn restart_pilot(&self) {
+        let (xds, http) = {
+            let p = self.pilot();
+            (p.xds, p.http)
+        };
+        let started =
+            PilotProcess::start_in(self.net.as_ref().map(|n| &n.hub), &self.dir, xds, http);
+        *self.pilot() = started;
+        self.wait_ready(http, "/ready", "pilot").await;
+    }
 }
 
 impl Drop for LocalMesh {
     fn drop(&mut self) {
         self.procs.clear();
-        self.pilot.kill();
+        self.pilot().kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+async fn requests(
+    gateway: SocketAddr,
+    path: String,
+    headers: Vec<(String, String)>,
+    n: usize,
+    concurrency: usize,
+) -> Vec<Outcome> {
+    let c = client();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (c, headers, next, path) = (c.clone(), headers.clone(), next.clone(), path.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let mut req = hyper::Request::get(format!("http://{gateway}{path}"));
+                for (k, v) in &headers {
+                    req = req.header(k, v);
+                }
+                let start = Instant::now();
+                let resp = c
+                    .request(req.body(Full::new(Bytes::new())).expect("request"))
+                    .await;
+                out.push(match resp {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let body = r.into_body().collect().await.map(|b| b.to_bytes());
+                        Outcome {
+                            status,
+                            body: String::from_utf8_lossy(&body.unwrap_or_default()).into_owned(),
+                            took: start.elapsed(),
+                        }
+                    }
+                    Err(e) => Outcome {
+                        status: 0,
+                        body: e.to_string(),
+                        took: start.elapsed(),
+                    },
+                });
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("request task"));
+    }
+    all
 }
 
 /// The Gateway on `port` and its VirtualService sending `prefix` to

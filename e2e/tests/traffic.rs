@@ -4,12 +4,9 @@
 //! reach caller-service, which calls callme-service through its sidecar.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use mesh_e2e::mesh::{LocalMesh, entry, workload};
+use mesh_e2e::mesh::{LocalMesh, Outcome, entry, workload};
 use mesh_e2e::*;
 
 const SUBSETS: &str = include_str!("../../samples/callme/networking/destination-rule.yaml");
@@ -40,67 +37,6 @@ fn callme_vs(http: &str) -> String {
     )
 }
 
-#[derive(Debug)]
-struct Outcome {
-    status: u16,
-    body: String,
-    took: Duration,
-}
-
-/// `n` requests to the gateway, `concurrency` at a time.
-async fn requests(
-    gateway: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-    n: usize,
-    concurrency: usize,
-) -> Vec<Outcome> {
-    let c = client();
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (c, headers, next, path) = (c.clone(), headers.clone(), next.clone(), path.to_string());
-        tasks.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
-                let mut req = hyper::Request::get(format!("http://{gateway}{path}"));
-                for (k, v) in &headers {
-                    req = req.header(k, v);
-                }
-                let start = Instant::now();
-                let resp = c.request(req.body(Full::new(Bytes::new())).unwrap()).await;
-                let outcome = match resp {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let body = r.into_body().collect().await.map(|b| b.to_bytes());
-                        Outcome {
-                            status,
-                            body: String::from_utf8_lossy(&body.unwrap_or_default()).into_owned(),
-                            took: start.elapsed(),
-                        }
-                    }
-                    Err(e) => Outcome {
-                        status: 0,
-                        body: e.to_string(),
-                        took: start.elapsed(),
-                    },
-                };
-                out.push(outcome);
-            }
-            out
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    all
-}
-
 /// Which callme answered, by body.
 fn tally(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
     let mut t = BTreeMap::new();
@@ -116,10 +52,10 @@ fn tally(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
 }
 
 /// Waits until a request answers with a body ending in `want`.
-async fn until_body(gateway: SocketAddr, headers: &[(&str, &str)], want: &str) {
+async fn until_body(m: &LocalMesh, headers: &[(&str, &str)], want: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let o = requests(gateway, "/caller/ping", headers, 1, 1).await;
+        let o = m.requests("/caller/ping", headers, 1, 1).await;
         if o[0].status == 200 && o[0].body.ends_with(want) {
             return;
         }
@@ -131,7 +67,6 @@ async fn until_body(gateway: SocketAddr, headers: &[(&str, &str)], want: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_headers_retries_timeouts_and_mirroring() {
     let mut m = callme_mesh("traffic").await;
-    let gw = m.gateway;
 
     // 80/20 within ±3% over 2,000 requests.
     m.write(
@@ -140,8 +75,8 @@ async fn weights_headers_retries_timeouts_and_mirroring() {
             "  - route:\n    - {destination: {host: callme-service, subset: v1}, weight: 80}\n    - {destination: {host: callme-service, subset: v2}, weight: 20}\n",
         ),
     );
-    until_body(gw, &[], "callme-service:v2").await;
-    let out = requests(gw, "/caller/ping", &[], 2000, 16).await;
+    until_body(&m, &[], "callme-service:v2").await;
+    let out = m.requests("/caller/ping", &[], 2000, 16).await;
     let t = tally(&out);
     println!("80/20 split over 2,000 requests: {t:?}");
     let v2 = t.get("callme-service:v2").copied().unwrap_or(0) as f64 / 2000.0;
@@ -156,10 +91,16 @@ async fn weights_headers_retries_timeouts_and_mirroring() {
             "  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: callme-service, subset: v2}}]\n  - route: [{destination: {host: callme-service, subset: v1}}]\n",
         ),
     );
-    until_body(gw, &[("end-user", "jason")], "callme-service:v2").await;
-    until_body(gw, &[], "callme-service:v1").await;
-    let jason = tally(&requests(gw, "/caller/ping", &[("end-user", "jason")], 100, 8).await);
-    let others = tally(&requests(gw, "/caller/ping", &[("end-user", "mary")], 100, 8).await);
+    until_body(&m, &[("end-user", "jason")], "callme-service:v2").await;
+    until_body(&m, &[], "callme-service:v1").await;
+    let jason = tally(
+        &m.requests("/caller/ping", &[("end-user", "jason")], 100, 8)
+            .await,
+    );
+    let others = tally(
+        &m.requests("/caller/ping", &[("end-user", "mary")], 100, 8)
+            .await,
+    );
     assert_eq!(
         jason,
         BTreeMap::from([("callme-service:v2".to_string(), 100)])
@@ -171,7 +112,7 @@ async fn weights_headers_retries_timeouts_and_mirroring() {
 
     // Retries mask a failing instance: a broken v1 instance answers 500
     // (which the default policy, like Istio's, does not retry).
-    let broken = app_answering("broken", "127.0.0.1".parse().unwrap(), 0, 500).await;
+    let broken = m.app("broken", 500).await;
     m.write(
         "broken.yaml",
         &entry("callme-v1-broken", "callme-service", "v1", broken.addr),
@@ -182,13 +123,13 @@ async fn weights_headers_retries_timeouts_and_mirroring() {
     );
     let reached = eventually(Duration::from_secs(10), || async {
         broken.hits() > 0 || {
-            requests(gw, "/caller/ping", &[], 10, 2).await;
+            m.requests("/caller/ping", &[], 10, 2).await;
             false
         }
     })
     .await;
     assert!(reached, "the broken instance is in the rotation");
-    let without = tally(&requests(gw, "/caller/ping", &[], 100, 4).await);
+    let without = tally(&m.requests("/caller/ping", &[], 100, 4).await);
     assert!(
         without.keys().any(|k| k.starts_with("status 5")),
         "without retries the broken instance shows: {without:?}"
@@ -201,7 +142,7 @@ async fn weights_headers_retries_timeouts_and_mirroring() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let hits_before = broken.hits();
-    let with = tally(&requests(gw, "/caller/ping", &[], 200, 4).await);
+    let with = tally(&m.requests("/caller/ping", &[], 200, 4).await);
     println!("retries: without {without:?}, with {with:?}");
     assert_eq!(
         with,
@@ -223,12 +164,12 @@ async fn weights_headers_retries_timeouts_and_mirroring() {
     );
     m.gateway_route(", timeout: 300ms");
     let timed_out = eventually(Duration::from_secs(10), || async {
-        let o = requests(gw, "/caller/ping", &[], 1, 1).await;
+        let o = m.requests("/caller/ping", &[], 1, 1).await;
         o[0].status == 504 && o[0].took < Duration::from_millis(1500)
     })
     .await;
     assert!(timed_out, "the route timeout answered 504");
-    let o = requests(gw, "/caller/ping", &[], 10, 10).await;
+    let o = m.requests("/caller/ping", &[], 10, 10).await;
     for x in &o {
         assert_eq!(x.status, 504, "{o:?}");
         assert!(
@@ -240,7 +181,7 @@ async fn weights_headers_retries_timeouts_and_mirroring() {
 
     // Mirroring: every request answered by v1, and a copy sent to the
     // mirror, whose answers are dropped.
-    let mirror = app("mirror", "127.0.0.1".parse().unwrap(), 0).await;
+    let mirror = m.app("mirror", 200).await;
     m.write(
         "mirror.yaml",
         &entry("callme-mirror", "callme-service", "mirror", mirror.addr),
@@ -256,13 +197,13 @@ async fn weights_headers_retries_timeouts_and_mirroring() {
         ),
     );
     let mirrored = eventually(Duration::from_secs(10), || async {
-        requests(gw, "/caller/ping", &[], 1, 1).await;
+        m.requests("/caller/ping", &[], 1, 1).await;
         mirror.hits() > 0
     })
     .await;
     assert!(mirrored, "the mirror got copies");
     let before = mirror.hits();
-    let out = tally(&requests(gw, "/caller/ping", &[], 100, 4).await);
+    let out = tally(&m.requests("/caller/ping", &[], 100, 4).await);
     assert_eq!(
         out,
         BTreeMap::from([("callme-service:v1".to_string(), 100)])
@@ -282,10 +223,9 @@ async fn weights_headers_retries_timeouts_and_mirroring() {
 async fn the_seed_articles_callme_rule_behaves_as_written() {
     // 20/80 between v1 and v2, 10% delayed 5 s, 10% aborted with 500.
     let m = callme_mesh("seed").await;
-    let gw = m.gateway;
     m.write("callme.yaml", SEED_RULE);
     let applied = eventually(Duration::from_secs(10), || async {
-        requests(gw, "/caller/ping", &[], 20, 10)
+        m.requests("/caller/ping", &[], 20, 10)
             .await
             .iter()
             .any(|o| o.status == 500)
@@ -293,7 +233,7 @@ async fn the_seed_articles_callme_rule_behaves_as_written() {
     .await;
     assert!(applied, "the rule's aborts show");
     let n = 600;
-    let out = requests(gw, "/caller/ping", &[], n, 64).await;
+    let out = m.requests("/caller/ping", &[], n, 64).await;
     let t = tally(&out);
     let share = |k: &str| t.get(k).copied().unwrap_or(0) as f64 / n as f64;
     let delayed = out
@@ -330,7 +270,6 @@ async fn a_killed_instance_is_ejected_and_changes_under_load_fail_nothing() {
         ("/caller", "caller-service", 8090),
     )
     .await;
-    let gw = m.gateway;
     m.write(
         "subsets.yaml",
         &SUBSETS.replace(
@@ -345,8 +284,8 @@ async fn a_killed_instance_is_ejected_and_changes_under_load_fail_nothing() {
             "  - route: [{destination: {host: callme-service, subset: v1}}]\n    retries: {attempts: 0}\n",
         ),
     );
-    until_body(gw, &[], "callme-service:v1").await;
-    let out = requests(gw, "/caller/ping", &[], 20, 1).await;
+    until_body(&m, &[], "callme-service:v1").await;
+    let out = m.requests("/caller/ping", &[], 20, 1).await;
     assert!(
         out.iter().all(|o| o.status == 200),
         "both instances up: {:?}",
@@ -356,7 +295,7 @@ async fn a_killed_instance_is_ejected_and_changes_under_load_fail_nothing() {
     // Outlier ejection: one of the two v1 instances is killed; after two
     // failures it is ejected and nothing fails any more.
     m.kill("callme-v1b");
-    let out = requests(gw, "/caller/ping", &[], 200, 1).await;
+    let out = m.requests("/caller/ping", &[], 200, 1).await;
     let failures: Vec<usize> = out
         .iter()
         .enumerate()
@@ -374,13 +313,13 @@ async fn a_killed_instance_is_ejected_and_changes_under_load_fail_nothing() {
     );
 
     // A route change under steady load fails nothing.
-    let load = tokio::spawn(requests(gw, "/caller/ping", &[], 600, 4));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    m.write(
-        "callme.yaml",
-        &callme_vs("  - route: [{destination: {host: callme-service, subset: v2}}]\n"),
-    );
-    let out = load.await.unwrap();
+    let (out, ()) = tokio::join!(m.requests("/caller/ping", &[], 600, 4), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        m.write(
+            "callme.yaml",
+            &callme_vs("  - route: [{destination: {host: callme-service, subset: v2}}]\n"),
+        );
+    });
     let t = tally(&out);
     println!("route change under load: {t:?}");
     assert_eq!(out.iter().filter(|o| o.status != 200).count(), 0, "{t:?}");
@@ -394,23 +333,16 @@ async fn a_killed_instance_is_ejected_and_changes_under_load_fail_nothing() {
     );
 
     // Pilot killed and restarted under load fails nothing either.
-    let load = tokio::spawn(requests(gw, "/caller/ping", &[], 600, 4));
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    m.pilot.kill();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    m.pilot = PilotProcess::start(&m.dir, m.pilot.xds, m.pilot.http);
-    let out = load.await.unwrap();
+    let (out, ()) = tokio::join!(m.requests("/caller/ping", &[], 600, 4), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        m.kill_pilot();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        m.restart_pilot().await;
+    });
     assert_eq!(
         out.iter().filter(|o| o.status != 200).count(),
         0,
         "{:?}",
         tally(&out)
-    );
-    let http = m.pilot.http;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            http_get(http, "/ready").await.is_some()
-        })
-        .await
     );
 }
