@@ -113,6 +113,30 @@ enum Command {
         #[arg(long, env = "MESH_PILOT")]
         pilot: Option<String>,
     },
+    /// Add the mesh's sidecar to Kubernetes manifests.
+    ///
+    /// Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and
+    /// CronJobs come out injected, exactly as the admission webhook would
+    /// inject them; every other document comes out unchanged, in the same
+    /// order. Pods that opt out (`sidecar.mesh.dev/inject: "false"`), use the
+    /// host's network or are already injected are left as they are.
+    ///
+    /// For example: `meshctl kube-inject -f deploy.yaml | kubectl apply -f -`.
+    KubeInject {
+        #[command(flatten)]
+        input: Input,
+        /// Injection settings (YAML: proxyImage, pilotAddress, proxyCPU, …);
+        /// the defaults otherwise.
+        #[arg(long, value_name = "FILE")]
+        injection_config: Option<PathBuf>,
+        /// The mesh-proxy image.
+        #[arg(long)]
+        proxy_image: Option<String>,
+        /// The cluster's Kubernetes minor version: from 29 the sidecar is a
+        /// native sidecar (an init container with restartPolicy: Always).
+        #[arg(long, default_value_t = 29, value_name = "MINOR")]
+        kubernetes_minor: u32,
+    },
     /// Show which version of its config each proxy runs.
     ///
     /// Asks pilot which resources it sent each connected proxy and which
@@ -266,6 +290,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 output,
                 &mut std::io::stdout().lock(),
             )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::KubeInject {
+            input,
+            injection_config,
+            proxy_image,
+            kubernetes_minor,
+        } => {
+            let mut settings = match &injection_config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    serde_yaml::from_str::<mesh_injector::Settings>(&text)
+                        .with_context(|| format!("{}", path.display()))?
+                }
+                None => mesh_injector::Settings::default(),
+            };
+            if let Some(image) = proxy_image {
+                settings.proxy_image = image;
+            }
+            let cluster = mesh_injector::Cluster {
+                minor: kubernetes_minor,
+            };
+            let mut out = std::io::stdout().lock();
+            let mut first = true;
+            for source in read_sources(&input.files)? {
+                let injected = mesh_injector::inject_documents(&source.text, &settings, cluster)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", source.name))?;
+                if injected.is_empty() {
+                    continue;
+                }
+                if !first {
+                    out.write_all(b"---\n")?;
+                }
+                first = false;
+                out.write_all(injected.as_bytes())?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {

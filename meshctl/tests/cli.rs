@@ -144,3 +144,73 @@ fn version_and_completion() {
     assert!(o.status.success());
     assert!(stdout(&o).contains("meshctl"));
 }
+
+#[test]
+fn kube_inject_injects_workloads_and_keeps_everything_else_in_order() {
+    let o = meshctl(
+        &[
+            "kube-inject",
+            "-f",
+            "samples/bookinfo/platform/bookinfo.yaml",
+            "-f",
+            "samples/callme/platform/callme.yaml",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{o:?}");
+    let out = stdout(&o);
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&out)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"ServiceAccount"));
+    let deployments: Vec<&serde_yaml::Value> =
+        docs.iter().filter(|d| d["kind"] == "Deployment").collect();
+    assert_eq!(deployments.len(), 9, "{kinds:?}");
+    for d in deployments {
+        let inits = d["spec"]["template"]["spec"]["initContainers"]
+            .as_sequence()
+            .unwrap();
+        let names: Vec<&str> = inits.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names[..2], ["mesh-init", "mesh-proxy"], "{d:?}");
+        assert!(
+            d["spec"]["template"]["metadata"]["annotations"]["sidecar.mesh.dev/status"]
+                .as_str()
+                .is_some()
+        );
+    }
+    // Injecting again changes nothing.
+    let again = meshctl(&["kube-inject", "-f", "-"], Some(&out));
+    assert_eq!(stdout(&again), out);
+    // Classic sidecars for older clusters.
+    let o = meshctl(
+        &[
+            "kube-inject",
+            "--kubernetes-minor",
+            "28",
+            "-f",
+            "samples/callme/platform/callme.yaml",
+        ],
+        None,
+    );
+    assert!(
+        stdout(&o).contains("- wait"),
+        "holds the app until the proxy is ready"
+    );
+}
+
+#[test]
+fn kube_inject_names_the_field_at_fault() {
+    let o = meshctl(
+        &["kube-inject", "-f", "-"],
+        Some(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: x, annotations: {traffic.sidecar.mesh.dev/excludeOutboundPorts: '80,web'}}\nspec: {containers: [{name: a, image: b}]}\n",
+        ),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("document 1 (Pod x): metadata.annotations[traffic.sidecar.mesh.dev/excludeOutboundPorts]: not a port: \"web\""),
+        "{err}"
+    );
+}

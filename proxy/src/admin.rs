@@ -63,6 +63,15 @@ pub async fn handle(
             );
             r
         }
+        (Port::Metrics, &Method::GET, p) if p.starts_with("/app-health/") => {
+            match proxy.app_probers.get(p) {
+                Some(prober) => {
+                    let status = crate::probes::probe(prober).await;
+                    text(status, format!("{}\n", status.as_u16()))
+                }
+                None => text(StatusCode::NOT_FOUND, "no such app probe\n"),
+            }
+        }
         (Port::Ready | Port::Admin, &Method::GET, "/healthz/ready" | "/ready") => {
             if proxy.draining.load(Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")

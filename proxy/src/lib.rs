@@ -15,6 +15,7 @@ pub mod http;
 pub mod init;
 pub mod metrics;
 pub mod pool;
+pub mod probes;
 pub mod ratelimit;
 pub mod reason;
 pub mod routing;
@@ -47,6 +48,8 @@ pub struct Proxy {
     /// Pilot, when the config comes over xDS: asked on demand for
     /// destinations the proxy has not seen yet.
     pub xds: std::sync::OnceLock<Arc<xds::Client>>,
+    /// The app's rewritten HTTP probes, served on the metrics port.
+    pub app_probers: probes::Probers,
 }
 
 impl Proxy {

@@ -32,6 +32,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Wait until the proxy is ready (for a classic sidecar's postStart
+    /// hook: the app's containers start after it returns).
+    Wait {
+        /// Give up (exit 1) after this long.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// The proxy's readiness port.
+        #[arg(long, default_value_t = 15021)]
+        ready_port: u16,
+    },
     /// Install the iptables rules that redirect the pod's traffic to the
     /// proxy (run by the injected init container).
     Init(init::InitArgs),
@@ -79,6 +89,10 @@ struct RunArgs {
     demand_timeout: Duration,
     #[arg(long, value_enum, default_value_t = Mode::Sidecar)]
     mode: Mode,
+    /// The app's HTTP probes, rewritten to `/app-health/…` on the metrics
+    /// port (JSON, written by the injector).
+    #[arg(long, env = "MESH_APP_PROBERS", hide_env_values = true)]
+    app_probers: Option<String>,
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     concurrency: usize,
@@ -162,7 +176,35 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Wait {
+        timeout,
+        ready_port,
+    }) = cli.command
+    {
+        let waited = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(mesh_proxy::probes::wait_ready(ready_port, timeout)));
+        return match waited {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-proxy wait: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = cli.run;
+    let app_probers = match args.app_probers.as_deref() {
+        None | Some("") => Default::default(),
+        Some(json) => match mesh_proxy::probes::parse(json) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("mesh-proxy: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
     let log = init_logging(args.log_format);
     let initial = match &args.config {
         Some(path) => match mesh_proxy::read_config(path) {
@@ -194,7 +236,9 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let proxy = Arc::new(Proxy::new(args.gateway_names.clone()));
+        let mut proxy = Proxy::new(args.gateway_names.clone());
+        proxy.app_probers = app_probers;
+        let proxy = Arc::new(proxy);
         if let Some(cfg) = initial
             && let Err(e) = proxy.apply(cfg)
         {
