@@ -12,8 +12,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   command -v ip >/dev/null || missing+=(iproute2)
   command -v iptables-restore >/dev/null || missing+=(iptables)
   command -v setpriv >/dev/null || missing+=(util-linux)
+  python3 -m venv --help >/dev/null 2>&1 || missing+=(python3 python3-venv)
   if [ ${#missing[@]} -gt 0 ]; then
-    step "installing ${missing[*]} (for the network namespace tests)"
+    step "installing ${missing[*]} (for the network namespace tests and schema checks)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 fi
@@ -26,6 +27,17 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --workspace --locked
+
+step "injected manifests against the Kubernetes OpenAPI schemas"
+# The golden files are what kube-inject (and the webhook) produce for the
+# samples and tricky pods; kubernetes-validate checks them strictly.
+venv=target/kubernetes-validate
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q 'kubernetes-validate==1.37.0'
+fi
+"$venv/bin/kubernetes-validate" --strict --quiet -k 1.30.0 injector/tests/golden/*.native.out.yaml
+"$venv/bin/kubernetes-validate" --strict --quiet -k 1.28.0 injector/tests/golden/*.classic.out.yaml
 
 step "fuzz targets build"
 # Their own workspace (libFuzzer); the same target dir reuses the main build.

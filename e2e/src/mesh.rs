@@ -221,6 +221,15 @@ impl LocalMesh {
         for (name, r) in ready {
             mesh.wait_ready(r, "/healthz/ready", &name).await;
         }
+        if mesh.net.is_some() {
+            // The app's readiness probe, rewritten by the injector, answers
+            // through the sidecar's status port as the kubelet would see it.
+            for w in workloads {
+                let probe = SocketAddr::new(mesh.apps[&w.name].ip(), 15020);
+                mesh.wait_ready(probe, "/app-health/app/readyz", &w.name)
+                    .await;
+            }
+        }
         mesh
     }
 
@@ -325,22 +334,16 @@ impl LocalMesh {
                 };
                 ready = SocketAddr::new(pod_ip, 15021);
                 if mode == "sidecar" {
-                    let init = ns
-                        .exec(&program)
-                        .args(["init", "--proxy-uid", "1337", "--proxy-gid", "1337"])
-                        .output()
-                        .expect("mesh-proxy init runs");
-                    assert!(
-                        init.status.success(),
-                        "mesh-proxy init: {}",
-                        String::from_utf8_lossy(&init.stderr)
-                    );
-                    cmd = ns.exec("setpriv");
-                    cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups", &program]);
-                } else {
-                    cmd = ns.exec(&program);
-                    cmd.args(["--gateway-bind", "0.0.0.0"]);
+                    let child =
+                        injected_sidecar(ns, &program, name, labels, self.apps[name].port());
+                    self.procs
+                        .entry(name.to_string())
+                        .or_default()
+                        .push(Proc(child));
+                    return ready;
                 }
+                cmd = ns.exec(&program);
+                cmd.args(["--gateway-bind", "0.0.0.0"]);
             }
             None => {
                 ready = local(free_port());
@@ -512,6 +515,100 @@ async fn requests(
         all.extend(t.await.expect("request task"));
     }
     all
+}
+
+/// Runs a pod's sidecar from its injected spec, as the kubelet would: the
+/// injector's init container (`mesh-proxy init …`, the capture rules), then
+/// the sidecar with the injected args, env and user. What is injected is
+/// what runs.
+fn injected_sidecar(
+    ns: &crate::netns::Netns,
+    program: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    port: u16,
+) -> Child {
+    use k8s_openapi::api::core::v1::Pod;
+    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    let service = labels.get("app").copied().unwrap_or(name);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "spec": {
+            "serviceAccountName": service,
+            "containers": [{
+                "name": "app",
+                "image": "mesh/examples",
+                "ports": [{"name": "http", "containerPort": port}],
+                "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
+            }],
+        },
+    }))
+    .expect("a pod");
+    let settings = mesh_injector::Settings {
+        pilot_address: format!("{HUB}:15010"),
+        log_level: "error".into(),
+        ..Default::default()
+    };
+    let (_, spec) = mesh_injector::inject(
+        &pod.metadata,
+        pod.spec.as_ref().expect("spec"),
+        &settings,
+        mesh_injector::Cluster { minor: 29 },
+    )
+    .expect("injection");
+    let inits = spec.init_containers.unwrap_or_default();
+    let container = |n: &str| {
+        inits
+            .iter()
+            .find(|c| c.name == n)
+            .unwrap_or_else(|| panic!("no {n} injected"))
+            .clone()
+    };
+    let argv = |c: &k8s_openapi::api::core::v1::Container| -> Vec<String> {
+        let mut v: Vec<String> = c.command.clone().unwrap_or_default();
+        v.extend(c.args.clone().unwrap_or_default());
+        assert_eq!(v.first().map(String::as_str), Some("mesh-proxy"), "{v:?}");
+        v.remove(0);
+        v
+    };
+    let init = container(mesh_injector::INIT_NAME);
+    let out = ns
+        .exec(program)
+        .args(argv(&init))
+        .output()
+        .expect("the init container runs");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        argv(&init).join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let proxy = container(mesh_injector::PROXY_NAME);
+    assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
+    let sc = proxy.security_context.clone().expect("a security context");
+    let mut cmd = ns.exec("setpriv");
+    cmd.arg(format!("--reuid={}", sc.run_as_user.expect("runAsUser")))
+        .arg(format!("--regid={}", sc.run_as_group.expect("runAsGroup")))
+        .args(["--clear-groups", program])
+        .args(argv(&proxy))
+        .stdin(Stdio::null());
+    for e in proxy.env.iter().flatten() {
+        let value = match (
+            &e.value,
+            e.value_from.as_ref().and_then(|f| f.field_ref.as_ref()),
+        ) {
+            (Some(v), _) => v.clone(),
+            (None, Some(f)) => match f.field_path.as_str() {
+                "metadata.name" => name.to_string(),
+                "metadata.namespace" => "default".to_string(),
+                "spec.serviceAccountName" => service.to_string(),
+                other => panic!("the test does not know the field {other}"),
+            },
+            (None, None) => panic!("env {} has no value", e.name),
+        };
+        cmd.env(&e.name, value);
+    }
+    cmd.spawn().expect("the sidecar starts")
 }
 
 /// The Gateway on `port` and its VirtualService sending `prefix` to
