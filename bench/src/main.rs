@@ -19,6 +19,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 
+mod injector;
 mod xds_scale;
 use http::header::{HOST, HeaderValue};
 use http::{Method, Request, Response, Uri};
@@ -51,6 +52,9 @@ enum Command {
     /// Pilot with N services and M simulated proxies: config propagation
     /// latency, pilot CPU and memory.
     XdsScale(xds_scale::ScaleArgs),
+    /// The injection webhook over HTTPS at a fixed rate of AdmissionReviews:
+    /// latency percentiles.
+    Injector(injector::InjectorArgs),
 }
 
 #[derive(Args)]
@@ -126,6 +130,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Origin(a) => runtime(a.threads)?.block_on(origin(a)),
         Command::XdsScale(a) => xds_scale::run(a),
+        Command::Injector(a) => injector::run(a),
         Command::Load(a) => {
             let report = runtime(a.threads)?.block_on(load(&a))?;
             println!("{}", report.to_json(&a));

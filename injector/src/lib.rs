@@ -735,6 +735,8 @@ fn rewrite_probes(
     Ok(probers)
 }
 
+pub mod webhook;
+
 #[cfg(test)]
 mod tests;
 
