@@ -9,6 +9,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use mesh_api::analysis::{self, Source};
 use mesh_api::convert::{Output, convert};
 
+mod cluster;
 mod demo;
 mod local;
 mod pilot;
@@ -121,6 +122,10 @@ enum Command {
     /// order. Pods that opt out (`sidecar.mesh.dev/inject: "false"`), use the
     /// host's network or are already injected are left as they are.
     ///
+    /// When the current kubeconfig context's cluster answers, its version
+    /// and the injector's settings there are used (flags still win);
+    /// otherwise, or with `--offline`, the defaults.
+    ///
     /// For example: `meshctl kube-inject -f deploy.yaml | kubectl apply -f -`.
     KubeInject {
         #[command(flatten)]
@@ -134,8 +139,12 @@ enum Command {
         proxy_image: Option<String>,
         /// The cluster's Kubernetes minor version: from 29 the sidecar is a
         /// native sidecar (an init container with restartPolicy: Always).
-        #[arg(long, default_value_t = 29, value_name = "MINOR")]
-        kubernetes_minor: u32,
+        /// Default: the cluster's, else 29.
+        #[arg(long, value_name = "MINOR")]
+        kubernetes_minor: Option<u32>,
+        /// Do not ask the cluster for its version and injector settings.
+        #[arg(long)]
+        offline: bool,
     },
     /// Show which version of its config each proxy runs.
     ///
@@ -297,7 +306,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             injection_config,
             proxy_image,
             kubernetes_minor,
+            offline,
         } => {
+            let from_cluster = if offline {
+                None
+            } else {
+                match cluster::injection() {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        eprintln!(
+                            "meshctl kube-inject: no cluster settings ({e}); using the defaults"
+                        );
+                        None
+                    }
+                }
+            };
             let mut settings = match &injection_config {
                 Some(path) => {
                     let text = std::fs::read_to_string(path)
@@ -305,13 +328,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     serde_yaml::from_str::<mesh_injector::Settings>(&text)
                         .with_context(|| format!("{}", path.display()))?
                 }
-                None => mesh_injector::Settings::default(),
+                None => from_cluster
+                    .as_ref()
+                    .and_then(|c| c.settings.clone())
+                    .unwrap_or_default(),
             };
             if let Some(image) = proxy_image {
                 settings.proxy_image = image;
             }
             let cluster = mesh_injector::Cluster {
-                minor: kubernetes_minor,
+                minor: kubernetes_minor
+                    .or(from_cluster.as_ref().map(|c| c.minor))
+                    .unwrap_or(29),
             };
             let mut out = std::io::stdout().lock();
             let mut first = true;

@@ -150,6 +150,7 @@ fn kube_inject_injects_workloads_and_keeps_everything_else_in_order() {
     let o = meshctl(
         &[
             "kube-inject",
+            "--offline",
             "-f",
             "samples/bookinfo/platform/bookinfo.yaml",
             "-f",
@@ -180,7 +181,7 @@ fn kube_inject_injects_workloads_and_keeps_everything_else_in_order() {
         );
     }
     // Injecting again changes nothing.
-    let again = meshctl(&["kube-inject", "-f", "-"], Some(&out));
+    let again = meshctl(&["kube-inject", "--offline", "-f", "-"], Some(&out));
     assert_eq!(stdout(&again), out);
     // Classic sidecars for older clusters.
     let o = meshctl(
@@ -202,7 +203,7 @@ fn kube_inject_injects_workloads_and_keeps_everything_else_in_order() {
 #[test]
 fn kube_inject_names_the_field_at_fault() {
     let o = meshctl(
-        &["kube-inject", "-f", "-"],
+        &["kube-inject", "--offline", "-f", "-"],
         Some(
             "apiVersion: v1\nkind: Pod\nmetadata: {name: x, annotations: {traffic.sidecar.mesh.dev/excludeOutboundPorts: '80,web'}}\nspec: {containers: [{name: a, image: b}]}\n",
         ),
