@@ -83,6 +83,8 @@ pub struct LocalMesh {
     procs: BTreeMap<String, Vec<Proc>>,
     /// Each workload's app address.
     pub apps: BTreeMap<String, SocketAddr>,
+    /// Each workload's readiness probe as injected (`/app-health/…`).
+    app_probes: BTreeMap<String, String>,
     /// The pods, in the namespace variant (dropped last: after the
     /// processes in them).
     net: Option<Network>,
@@ -202,6 +204,7 @@ impl LocalMesh {
             ),
             procs: BTreeMap::new(),
             apps,
+            app_probes: BTreeMap::new(),
             net,
         };
         mesh.wait_ready(http, "/ready", "pilot").await;
@@ -225,19 +228,20 @@ impl LocalMesh {
             // The app's readiness probe, rewritten by the injector, answers
             // through the sidecar's status port as the kubelet would see it.
             for w in workloads {
-                let probe = SocketAddr::new(mesh.apps[&w.name].ip(), 15020);
-                mesh.wait_ready(probe, "/app-health/app/readyz", &w.name)
-                    .await;
+                let addr = SocketAddr::new(mesh.apps[&w.name].ip(), 15020);
+                let path = mesh.app_probes[&w.name].clone();
+                mesh.wait_ready(addr, &path, &w.name).await;
             }
         }
         mesh
     }
 
-    async fn wait_ready(&self, addr: SocketAddr, path: &'static str, what: &str) {
+    async fn wait_ready(&self, addr: SocketAddr, path: &str, what: &str) {
+        let p = path.to_string();
         let ok = self
             .within(move || async move {
                 crate::eventually(Duration::from_secs(15), || async {
-                    http_get(addr, path).await.is_some()
+                    http_get(addr, &p).await.is_some()
                 })
                 .await
             })
@@ -334,12 +338,15 @@ impl LocalMesh {
                 };
                 ready = SocketAddr::new(pod_ip, 15021);
                 if mode == "sidecar" {
-                    let child =
+                    let (child, probe) =
                         injected_sidecar(ns, &program, name, labels, self.apps[name].port());
                     self.procs
                         .entry(name.to_string())
                         .or_default()
                         .push(Proc(child));
+                    if let Some(p) = probe {
+                        self.app_probes.insert(name.to_string(), p);
+                    }
                     return ready;
                 }
                 cmd = ns.exec(&program);
@@ -527,23 +534,38 @@ fn injected_sidecar(
     name: &str,
     labels: &[(&str, &str)],
     port: u16,
-) -> Child {
+) -> (Child, Option<String>) {
     use k8s_openapi::api::core::v1::Pod;
     let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
     let service = labels.get("app").copied().unwrap_or(name);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "namespace": "default", "labels": labels},
-        "spec": {
-            "serviceAccountName": service,
-            "containers": [{
-                "name": "app",
-                "image": "mesh/examples",
-                "ports": [{"name": "http", "containerPort": port}],
-                "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
-            }],
-        },
-    }))
-    .expect("a pod");
+    // The sample's own pod template when it has a Deployment of this name
+    // (bookinfo), else a pod like it.
+    let template = sample_template(name);
+    let pod: Pod = match template {
+        Some(mut t) => {
+            t["metadata"]["name"] = name.into();
+            t["metadata"]["namespace"] = "default".into();
+            serde_json::from_value(t).expect("the sample's pod template")
+        }
+        None => serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "labels": labels},
+            "spec": {
+                "serviceAccountName": service,
+                "containers": [{
+                    "name": "app",
+                    "image": "mesh/examples",
+                    "ports": [{"name": "http", "containerPort": port}],
+                    "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
+                }],
+            },
+        }))
+        .expect("a pod"),
+    };
+    let account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
     let settings = mesh_injector::Settings {
         pilot_address: format!("{HUB}:15010"),
         log_level: "error".into(),
@@ -601,14 +623,30 @@ fn injected_sidecar(
             (None, Some(f)) => match f.field_path.as_str() {
                 "metadata.name" => name.to_string(),
                 "metadata.namespace" => "default".to_string(),
-                "spec.serviceAccountName" => service.to_string(),
+                "spec.serviceAccountName" => account.clone(),
                 other => panic!("the test does not know the field {other}"),
             },
             (None, None) => panic!("env {} has no value", e.name),
         };
         cmd.env(&e.name, value);
     }
-    cmd.spawn().expect("the sidecar starts")
+    let probe = spec
+        .containers
+        .first()
+        .and_then(|c| c.readiness_probe.as_ref())
+        .and_then(|p| p.http_get.as_ref())
+        .and_then(|g| g.path.clone())
+        .filter(|p| p.starts_with("/app-health/"));
+    (cmd.spawn().expect("the sidecar starts"), probe)
+}
+
+/// The pod template of the bookinfo sample's Deployment `name`, if any.
+fn sample_template(name: &str) -> Option<serde_json::Value> {
+    let text = include_str!("../../samples/bookinfo/platform/bookinfo.yaml");
+    serde_yaml::Deserializer::from_str(text)
+        .filter_map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).ok())
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == name)
+        .map(|d| d["spec"]["template"].clone())
 }
 
 /// The Gateway on `port` and its VirtualService sending `prefix` to

@@ -51,6 +51,24 @@ fn tally(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
     t
 }
 
+/// Waits until `n` requests in a row answer with a body ending in `want`:
+/// a change has applied when the old config could not do that.
+async fn settle(m: &LocalMesh, headers: &[(&str, &str)], want: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = m.requests("/caller/ping", headers, n, 1).await;
+        if o.iter().all(|o| o.status == 200 && o.body.ends_with(want)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never {n} in a row from {want}: {:?}",
+            tally(&o)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until a request answers with a body ending in `want`.
 async fn until_body(m: &LocalMesh, headers: &[(&str, &str)], want: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -68,7 +86,13 @@ async fn until_body(m: &LocalMesh, headers: &[(&str, &str)], want: &str) {
 async fn weights_headers_retries_timeouts_and_mirroring() {
     let mut m = callme_mesh("traffic").await;
 
-    // 80/20 within ±3% over 2,000 requests.
+    // 80/20 within ±3% over 2,000 requests. All on v1 first, so that the
+    // first v2 answer shows the split applied.
+    m.write(
+        "callme.yaml",
+        &callme_vs("  - route: [{destination: {host: callme-service, subset: v1}}]\n"),
+    );
+    settle(&m, &[], "callme-service:v1", 30).await;
     m.write(
         "callme.yaml",
         &callme_vs(
@@ -91,8 +115,8 @@ async fn weights_headers_retries_timeouts_and_mirroring() {
             "  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: callme-service, subset: v2}}]\n  - route: [{destination: {host: callme-service, subset: v1}}]\n",
         ),
     );
-    until_body(&m, &[("end-user", "jason")], "callme-service:v2").await;
-    until_body(&m, &[], "callme-service:v1").await;
+    settle(&m, &[("end-user", "jason")], "callme-service:v2", 30).await;
+    settle(&m, &[], "callme-service:v1", 30).await;
     let jason = tally(
         &m.requests("/caller/ping", &[("end-user", "jason")], 100, 8)
             .await,
@@ -140,7 +164,8 @@ async fn weights_headers_retries_timeouts_and_mirroring() {
             "  - route: [{destination: {host: callme-service, subset: v1}}]\n    retries: {attempts: 3, retryOn: 5xx}\n",
         ),
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Half the requests failed before: 30 in a row succeeding shows it.
+    settle(&m, &[], "callme-service:v1", 30).await;
     let hits_before = broken.hits();
     let with = tally(&m.requests("/caller/ping", &[], 200, 4).await);
     println!("retries: without {without:?}, with {with:?}");
