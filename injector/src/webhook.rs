@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -203,7 +203,9 @@ pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     current: arc_swap::ArcSwap<CertifiedKey>,
-    stamp: std::sync::Mutex<Option<(SystemTime, SystemTime)>>,
+    /// The bytes last loaded: a change of content, not of time, reloads
+    /// (Secret volumes swap symlinks; writes can share a timestamp).
+    loaded: std::sync::Mutex<Option<(Vec<u8>, Vec<u8>)>>,
 }
 
 impl CertFiles {
@@ -211,7 +213,7 @@ impl CertFiles {
     pub fn load(cert: PathBuf, key: PathBuf) -> Result<Arc<CertFiles>, String> {
         let ck = read_pair(&cert, &key)?;
         let files = CertFiles {
-            stamp: std::sync::Mutex::new(stamp(&cert, &key)),
+            loaded: std::sync::Mutex::new(contents(&cert, &key)),
             cert,
             key,
             current: arc_swap::ArcSwap::from_pointee(ck),
@@ -222,9 +224,9 @@ impl CertFiles {
     /// Reads the files again if they changed; a broken pair is logged and
     /// the current certificate kept.
     pub fn refresh(&self) {
-        let now = stamp(&self.cert, &self.key);
-        let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
-        if now == *last {
+        let now = contents(&self.cert, &self.key);
+        let mut last = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if now.is_none() || now == *last {
             return;
         }
         match read_pair(&self.cert, &self.key) {
@@ -254,9 +256,8 @@ impl ResolvesServerCert for CertFiles {
     }
 }
 
-fn stamp(cert: &std::path::Path, key: &std::path::Path) -> Option<(SystemTime, SystemTime)> {
-    let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some((m(cert)?, m(key)?))
+fn contents(cert: &std::path::Path, key: &std::path::Path) -> Option<(Vec<u8>, Vec<u8>)> {
+    Some((std::fs::read(cert).ok()?, std::fs::read(key).ok()?))
 }
 
 fn read_pair(cert: &std::path::Path, key: &std::path::Path) -> Result<CertifiedKey, String> {
