@@ -3,7 +3,10 @@
 //! so the API crate stays free of tokio for its other users.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/mesh/discovery/v1/discovery.proto"];
+    let protos = [
+        "proto/mesh/discovery/v1/discovery.proto",
+        "proto/mesh/ca/v1/ca.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

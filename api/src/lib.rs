@@ -4,6 +4,7 @@
 //! proxy-config model and the discovery protocol that carries it.
 
 pub mod analysis;
+pub mod ca;
 pub mod convert;
 pub mod crd;
 pub mod discovery;

@@ -4,6 +4,7 @@
 //! [`xds`] server pushes it over the Delta xDS protocol; [`status`] serves
 //! metrics and debug views on 15014.
 
+pub mod ca;
 pub mod compile;
 pub mod metrics;
 pub mod registry;
@@ -47,6 +48,56 @@ pub struct Running {
     pub http_addr: SocketAddr,
     pub pilot: Arc<Pilot>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Serves the certificate authority and xDS over TLS on `addr` (15012),
+    /// with a serving certificate the CA issues for `names`. Returns the
+    /// bound address.
+    pub async fn serve_secure<A: ca::Authenticate>(
+        &mut self,
+        addr: SocketAddr,
+        authority: Arc<ca::Ca>,
+        auth: A,
+        names: &[String],
+    ) -> std::io::Result<SocketAddr> {
+        let (cert, key) = authority
+            .serving_cert(names)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr} (CA and secure xDS): {e}"),
+            )
+        })?;
+        let bound = listener.local_addr()?;
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        let ca_svc =
+            mesh_api::ca::certificate_service_server::CertificateServiceServer::new(ca::Service {
+                ca: authority,
+                auth,
+            });
+        let xds = xds::Xds::new(
+            self.pilot.store.clone(),
+            self.pilot.metrics.clone(),
+            self.pilot.sync.clone(),
+        );
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .tcp_nodelay(true)
+            .add_service(ca_svc)
+            .add_service(xds);
+        self.tasks.push(tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            if let Err(e) = server.serve_with_incoming(incoming).await {
+                tracing::error!(error = %e, "secure server stopped");
+            }
+        }));
+        tracing::info!(addr = %bound, "CA and secure xDS listening");
+        Ok(bound)
+    }
 }
 
 impl Drop for Running {

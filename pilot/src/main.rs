@@ -46,6 +46,27 @@ struct Cli {
     /// How often the config directory is checked for changes.
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     reload_interval: Duration,
+    /// The certificate authority's directory (`ca-cert.pem`, `ca-key.pem`,
+    /// `root-cert.pem`, `cert-chain.pem`; a root is generated there when
+    /// empty). Turns on the CA and secure xDS on --secure-addr.
+    #[arg(long, env = "MESH_CA_DIR", value_name = "DIR")]
+    ca_dir: Option<PathBuf>,
+    /// The CA and xDS over TLS.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    secure_addr: SocketAddr,
+    /// Validity of workload certificates.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+    /// Who may ask for which identity: a YAML list of {namespace,
+    /// serviceAccount, token}.
+    #[arg(long, env = "MESH_BOOTSTRAP_TOKENS", value_name = "FILE")]
+    bootstrap_tokens: Option<PathBuf>,
+    /// Names in pilot's TLS certificate (DNS names or IPs); repeatable.
+    #[arg(
+        long = "tls-name",
+        default_values_t = ["mesh-pilot.mesh-system.svc".to_string(), "localhost".to_string(), "127.0.0.1".to_string()]
+    )]
+    tls_names: Vec<String>,
     /// Log format; the filter comes from MESH_LOG (default "info").
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -88,6 +109,31 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     }
+    let authority = match &cli.ca_dir {
+        None => None,
+        Some(dir) => {
+            let Some(tokens) = &cli.bootstrap_tokens else {
+                eprintln!(
+                    "mesh-pilot: --ca-dir needs --bootstrap-tokens FILE (Kubernetes TokenReview is not built yet)"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            let tokens = match mesh_pilot::ca::BootstrapTokens::load(tokens) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("mesh-pilot: --bootstrap-tokens {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match mesh_pilot::ca::Ca::load_or_create(dir, &cli.trust_domain, cli.cert_ttl) {
+                Ok(ca) => Some((std::sync::Arc::new(ca), tokens)),
+                Err(e) => {
+                    eprintln!("mesh-pilot: CA: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
     if cli.debounce_quiet > cli.debounce_max {
         eprintln!("mesh-pilot: --debounce-quiet must not exceed --debounce-max");
         return ExitCode::from(EXIT_CONFIG);
@@ -100,7 +146,7 @@ fn main() -> ExitCode {
                 Policy::AllowAny => OutboundPolicy::AllowAny,
                 Policy::RegistryOnly => OutboundPolicy::RegistryOnly,
             },
-            trust_domain: cli.trust_domain,
+            trust_domain: cli.trust_domain.clone(),
         },
         debounce: Debounce {
             quiet: cli.debounce_quiet,
@@ -137,13 +183,21 @@ fn main() -> ExitCode {
                 }
             },
         };
-        let _running = match started {
+        let mut running = match started {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("mesh-pilot: {e}");
                 return ExitCode::FAILURE;
             }
         };
+        if let Some((authority, tokens)) = authority
+            && let Err(e) = running
+                .serve_secure(cli.secure_addr, authority, tokens, &cli.tls_names)
+                .await
+        {
+            eprintln!("mesh-pilot: {e}");
+            return ExitCode::FAILURE;
+        }
         let _ = tokio::signal::ctrl_c().await;
         ExitCode::SUCCESS
     })

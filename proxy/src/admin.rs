@@ -81,6 +81,10 @@ pub async fn handle(
                 text(StatusCode::OK, "ready\n")
             }
         }
+        (Port::Admin, &Method::GET, "/certs") => match proxy.certs.current() {
+            Some(id) => json(serde_json::to_string_pretty(&*id).unwrap_or_default()),
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "no certificate\n"),
+        },
         (Port::Admin, &Method::GET, "/config_dump") => match proxy.config.load() {
             Some(s) => json(serde_json::to_string_pretty(&*s.config).unwrap_or_default()),
             None => text(StatusCode::SERVICE_UNAVAILABLE, "no config yet\n"),

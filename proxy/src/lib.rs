@@ -12,6 +12,7 @@ pub mod detect;
 pub mod framing;
 pub mod hashring;
 pub mod http;
+pub mod identity;
 pub mod init;
 pub mod metrics;
 pub mod pool;
@@ -50,6 +51,8 @@ pub struct Proxy {
     pub xds: std::sync::OnceLock<Arc<xds::Client>>,
     /// The app's rewritten HTTP probes, served on the metrics port.
     pub app_probers: probes::Probers,
+    /// The workload certificate from the mesh's CA, when one is configured.
+    pub certs: Arc<identity::Certs>,
 }
 
 impl Proxy {

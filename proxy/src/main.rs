@@ -89,6 +89,32 @@ struct RunArgs {
     demand_timeout: Duration,
     #[arg(long, value_enum, default_value_t = Mode::Sidecar)]
     mode: Mode,
+    /// The mesh's CA (`https://host:15012`): the proxy gets its workload
+    /// certificate there.
+    #[arg(long, env = "MESH_CA_ADDR")]
+    ca_addr: Option<String>,
+    /// PEM roots to trust for the CA's own certificate.
+    #[arg(
+        long,
+        env = "MESH_CA_ROOT",
+        default_value = "/etc/mesh/root/root-cert.pem"
+    )]
+    ca_root: PathBuf,
+    /// The name in the CA's certificate (default: the host of --ca-addr).
+    #[arg(long, env = "MESH_CA_NAME")]
+    ca_name: Option<String>,
+    /// The token proving the service account to the CA.
+    #[arg(
+        long,
+        env = "MESH_TOKEN_FILE",
+        default_value = "/var/run/secrets/mesh/token"
+    )]
+    token_file: PathBuf,
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Requested certificate validity (default: the CA's).
+    #[arg(long, value_parser = parse_duration)]
+    cert_ttl: Option<Duration>,
     /// The app's HTTP probes, rewritten to `/app-health/…` on the metrics
     /// port (JSON, written by the injector).
     #[arg(long, env = "MESH_APP_PROBERS", hide_env_values = true)]
@@ -314,6 +340,26 @@ fn main() -> ExitCode {
                     backoff: (Duration::from_millis(100), Duration::from_secs(10)),
                 },
             );
+        }
+        if let Some(ca_addr) = &args.ca_addr {
+            let ca_addr = if ca_addr.contains("://") {
+                ca_addr.clone()
+            } else {
+                format!("https://{ca_addr}")
+            };
+            tokio::spawn(mesh_proxy::identity::run(
+                running.proxy.certs.clone(),
+                mesh_proxy::identity::Settings {
+                    ca_addr,
+                    ca_root: args.ca_root.clone(),
+                    ca_name: args.ca_name.clone(),
+                    token_file: args.token_file.clone(),
+                    trust_domain: args.trust_domain.clone(),
+                    namespace: args.namespace.clone(),
+                    service_account: args.service_account.clone(),
+                    ttl: args.cert_ttl,
+                },
+            ));
         }
         if let Some(path) = args.config.clone() {
             tokio::spawn(mesh_proxy::watch_file(

@@ -1,0 +1,380 @@
+//! The mesh's certificate authority. It signs workload CSRs whose only SAN
+//! is the caller's SPIFFE ID (`spiffe://<td>/ns/<ns>/sa/<sa>`), the caller
+//! proven by its bearer token; the key never leaves the workload.
+//!
+//! The signing certificate and key live in a directory, with Istio's file
+//! names so a user's CA plugs in the same way: `ca-cert.pem` and
+//! `ca-key.pem` (the signing CA: a root, or an intermediate), `root-cert.pem`
+//! (the roots workloads trust; may hold two during a rotation) and
+//! `cert-chain.pem` (intermediates up to the root, appended to every
+//! certificate). Without them pilot generates a root at first start and
+//! writes it there, so a restart keeps it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use serde::Deserialize;
+use tonic::{Request, Response, Status};
+
+/// Files of the CA directory.
+const CA_CERT: &str = "ca-cert.pem";
+const CA_KEY: &str = "ca-key.pem";
+const ROOT_CERT: &str = "root-cert.pem";
+const CERT_CHAIN: &str = "cert-chain.pem";
+
+/// The longest validity a workload may ask for.
+const MAX_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// PEM of the CA certificate and the chain above it.
+    chain: Vec<String>,
+    /// PEM roots workloads trust.
+    pub roots: Vec<String>,
+    pub trust_domain: String,
+    pub ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("invalid CSR: {0}")]
+    Csr(String),
+    #[error("the CSR asks for {asked}, but the caller is {allowed}")]
+    Identity { asked: String, allowed: String },
+    #[error("cannot sign: {0}")]
+    Sign(String),
+}
+
+fn file_error(path: &Path, e: impl std::fmt::Display) -> CaError {
+    CaError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn split_pem(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        cur.push_str(line);
+        cur.push('\n');
+        if line.starts_with("-----END") {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    out
+}
+
+impl Ca {
+    /// Loads the CA from `dir`, or creates a root there when it holds none.
+    pub fn load_or_create(dir: &Path, trust_domain: &str, ttl: Duration) -> Result<Ca, CaError> {
+        let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
+        if !cert_path.exists() && !key_path.exists() {
+            create_root(dir, trust_domain)?;
+        }
+        let cert_pem =
+            std::fs::read_to_string(&cert_path).map_err(|e| file_error(&cert_path, e))?;
+        let key_pem = std::fs::read_to_string(&key_path).map_err(|e| file_error(&key_path, e))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| file_error(&key_path, e))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| file_error(&cert_path, e))?;
+        let read_opt = |name: &str| -> Result<Vec<String>, CaError> {
+            let p = dir.join(name);
+            match std::fs::read_to_string(&p) {
+                Ok(t) => Ok(split_pem(&t)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+                Err(e) => Err(file_error(&p, e)),
+            }
+        };
+        let mut roots = read_opt(ROOT_CERT)?;
+        if roots.is_empty() {
+            roots = split_pem(&cert_pem);
+        }
+        let mut chain = split_pem(&cert_pem);
+        for c in read_opt(CERT_CHAIN)? {
+            if !chain.contains(&c) {
+                chain.push(c);
+            }
+        }
+        // A self-signed root is not sent as part of the chain.
+        if chain.len() == 1 && roots.contains(&chain[0]) {
+            chain.clear();
+        }
+        Ok(Ca {
+            issuer,
+            chain,
+            roots,
+            trust_domain: trust_domain.to_string(),
+            ttl,
+        })
+    }
+
+    /// Signs `csr_pem` for `namespace/service_account`: the CSR must be
+    /// validly signed and name exactly that SPIFFE ID. Returns the chain,
+    /// the workload's certificate first.
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        namespace: &str,
+        service_account: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Vec<String>, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::Csr(e.to_string()))?;
+        let allowed = mesh_api::ca::spiffe_id(&self.trust_domain, namespace, service_account);
+        let asked: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|s| match s {
+                SanType::URI(u) => u.as_str().to_string(),
+                SanType::DnsName(d) => format!("DNS:{}", d.as_str()),
+                SanType::IpAddress(ip) => format!("IP:{ip}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if asked != [allowed.clone()] {
+            return Err(CaError::Identity {
+                asked: if asked.is_empty() {
+                    "no identity".into()
+                } else {
+                    asked.join(", ")
+                },
+                allowed,
+            });
+        }
+        let ttl = ttl
+            .unwrap_or(self.ttl)
+            .min(MAX_TTL)
+            .max(Duration::from_secs(1));
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = csr.params.subject_alt_names.clone();
+        params.distinguished_name = DistinguishedName::new();
+        let now = time::OffsetDateTime::now_utc();
+        // A little back-dating tolerates clock skew between nodes.
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after =
+            now + time::Duration::try_from(ttl).map_err(|e| CaError::Sign(e.to_string()))?;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial()));
+        let cert = CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)
+        .map_err(|e| CaError::Sign(e.to_string()))?;
+        let mut out = vec![cert.pem()];
+        out.extend(self.chain.iter().cloned());
+        Ok(out)
+    }
+
+    /// A certificate for pilot's own TLS port, with DNS names and IPs.
+    pub fn serving_cert(&self, names: &[String]) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+        let mut params =
+            CertificateParams::new(names.to_vec()).map_err(|e| CaError::Sign(e.to_string()))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "mesh-pilot");
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(365);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial()));
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        let mut chain = cert.pem();
+        for c in &self.chain {
+            chain.push_str(c);
+        }
+        Ok((chain, key.serialize_pem()))
+    }
+}
+
+fn serial() -> [u8; 16] {
+    let mut s = [0u8; 16];
+    for b in &mut s {
+        *b = fastrand::u8(..);
+    }
+    s[0] &= 0x7f; // positive
+    s
+}
+
+/// Generates a root (ECDSA P-256, 10 years) and writes it (key 0600).
+fn create_root(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
+    std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
+    let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, trust_domain);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "mesh root CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::days(3650);
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial()));
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| CaError::Sign(e.to_string()))?;
+    let key_path = dir.join(CA_KEY);
+    write_private(&key_path, &key.serialize_pem())?;
+    let cert_path = dir.join(CA_CERT);
+    std::fs::write(&cert_path, cert.pem()).map_err(|e| file_error(&cert_path, e))?;
+    let root_path = dir.join(ROOT_CERT);
+    std::fs::write(&root_path, cert.pem()).map_err(|e| file_error(&root_path, e))?;
+    tracing::info!(dir = %dir.display(), "generated the mesh's root CA");
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| file_error(path, e))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| file_error(path, e))
+}
+
+/// Who a bearer token belongs to.
+pub trait Authenticate: Send + Sync + 'static {
+    /// `(namespace, service account)`, or why not.
+    fn authenticate(
+        &self,
+        token: &str,
+    ) -> impl std::future::Future<Output = Result<(String, String), String>> + Send;
+}
+
+/// Bootstrap tokens for the files source and local mode: a YAML list of
+/// `{namespace, serviceAccount, token}`.
+#[derive(Clone, Debug, Default)]
+pub struct BootstrapTokens {
+    by_token: BTreeMap<String, (String, String)>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TokenEntry {
+    namespace: String,
+    service_account: String,
+    token: String,
+}
+
+impl BootstrapTokens {
+    pub fn load(path: &Path) -> Result<BootstrapTokens, CaError> {
+        let text = std::fs::read_to_string(path).map_err(|e| file_error(path, e))?;
+        let entries: Vec<TokenEntry> =
+            serde_yaml::from_str(&text).map_err(|e| file_error(path, e))?;
+        let mut by_token = BTreeMap::new();
+        for (i, e) in entries.into_iter().enumerate() {
+            if e.token.len() < 16 {
+                return Err(file_error(
+                    path,
+                    format!("[{i}].token: at least 16 characters"),
+                ));
+            }
+            by_token.insert(e.token, (e.namespace, e.service_account));
+        }
+        Ok(BootstrapTokens { by_token })
+    }
+
+    pub fn insert(&mut self, token: String, namespace: &str, service_account: &str) {
+        self.by_token
+            .insert(token, (namespace.to_string(), service_account.to_string()));
+    }
+}
+
+impl Authenticate for BootstrapTokens {
+    async fn authenticate(&self, token: &str) -> Result<(String, String), String> {
+        // Compare every entry in full, so timing says nothing about which
+        // prefix matched.
+        let mut found = None;
+        for (t, who) in &self.by_token {
+            if constant_time_eq(t.as_bytes(), token.as_bytes()) {
+                found = Some(who.clone());
+            }
+        }
+        found.ok_or_else(|| "unknown token".to_string())
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The gRPC service.
+pub struct Service<A> {
+    pub ca: std::sync::Arc<Ca>,
+    pub auth: A,
+}
+
+#[tonic::async_trait]
+impl<A: Authenticate> mesh_api::ca::certificate_service_server::CertificateService for Service<A> {
+    async fn create_certificate(
+        &self,
+        request: Request<mesh_api::ca::CertificateRequest>,
+    ) -> Result<Response<mesh_api::ca::CertificateResponse>, Status> {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("a bearer token is required"))?
+            .to_string();
+        let (ns, sa) = self
+            .auth
+            .authenticate(&token)
+            .await
+            .map_err(|e| Status::unauthenticated(format!("token refused: {e}")))?;
+        let req = request.into_inner();
+        let ttl =
+            (req.validity_seconds > 0).then(|| Duration::from_secs(req.validity_seconds as u64));
+        match self.ca.sign(&req.csr, &ns, &sa, ttl) {
+            Ok(chain) => {
+                tracing::debug!(namespace = %ns, service_account = %sa, "certificate issued");
+                Ok(Response::new(mesh_api::ca::CertificateResponse {
+                    cert_chain: chain,
+                    roots: self.ca.roots.clone(),
+                }))
+            }
+            Err(e @ CaError::Identity { .. }) => {
+                tracing::warn!(namespace = %ns, service_account = %sa, error = %e, "CSR refused");
+                Err(Status::permission_denied(e.to_string()))
+            }
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,116 @@
+use super::*;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mesh-ca-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn csr(sans: &[SanType]) -> (String, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = sans.to_vec();
+    let csr = p.serialize_request(&key).unwrap();
+    (csr.pem().unwrap(), key)
+}
+
+fn uri(s: &str) -> SanType {
+    SanType::URI(s.try_into().unwrap())
+}
+
+#[test]
+fn a_root_is_created_once_and_kept() {
+    let d = dir("keep");
+    let a = Ca::load_or_create(&d, "cluster.local", Duration::from_secs(3600)).unwrap();
+    let b = Ca::load_or_create(&d, "cluster.local", Duration::from_secs(3600)).unwrap();
+    assert_eq!(a.roots, b.roots);
+    assert_eq!(a.roots.len(), 1);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.join(CA_KEY))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn only_the_callers_own_identity_is_signed() {
+    let d = dir("sign");
+    let ca = Ca::load_or_create(&d, "cluster.local", Duration::from_secs(3600)).unwrap();
+    let me = "spiffe://cluster.local/ns/shop/sa/reviews";
+    let (pem, _) = csr(&[uri(me)]);
+    let chain = ca.sign(&pem, "shop", "reviews", None).unwrap();
+    assert_eq!(chain.len(), 1, "a root CA sends no chain above the leaf");
+    let (_, der) = x509_parser::pem::parse_x509_pem(chain[0].as_bytes()).unwrap();
+    let issued = der.parse_x509().unwrap();
+    let san = issued.subject_alternative_name().unwrap().unwrap();
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(names, [format!("URI({me})")]);
+    let left =
+        issued.validity().not_after.timestamp() - time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!((3540..=3600).contains(&left), "{left}");
+    // Signed by the root.
+    let (_, root) = x509_parser::pem::parse_x509_pem(ca.roots[0].as_bytes()).unwrap();
+    let root = root.parse_x509().unwrap();
+    issued.verify_signature(Some(root.public_key())).unwrap();
+    // Another service account, another trust domain, extra names: refused.
+    for sans in [
+        vec![uri("spiffe://cluster.local/ns/shop/sa/ratings")],
+        vec![uri("spiffe://evil.example/ns/shop/sa/reviews")],
+        vec![
+            uri(me),
+            SanType::DnsName("reviews.shop.svc".try_into().unwrap()),
+        ],
+        vec![],
+    ] {
+        let (pem, _) = csr(&sans);
+        let e = ca.sign(&pem, "shop", "reviews", None).unwrap_err();
+        assert!(matches!(e, CaError::Identity { .. }), "{e}");
+    }
+    assert!(matches!(
+        ca.sign(
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            "shop",
+            "reviews",
+            None
+        ),
+        Err(CaError::Csr(_))
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test]
+async fn bootstrap_tokens_name_their_workload() {
+    let d = dir("tokens");
+    std::fs::create_dir_all(&d).unwrap();
+    let f = d.join("tokens.yaml");
+    std::fs::write(
+        &f,
+        "- {namespace: shop, serviceAccount: reviews, token: 0123456789abcdef0123}\n",
+    )
+    .unwrap();
+    let t = BootstrapTokens::load(&f).unwrap();
+    assert_eq!(
+        t.authenticate("0123456789abcdef0123").await,
+        Ok(("shop".into(), "reviews".into()))
+    );
+    assert!(t.authenticate("0123456789abcdef0124").await.is_err());
+    std::fs::write(
+        &f,
+        "- {namespace: shop, serviceAccount: reviews, token: short}\n",
+    )
+    .unwrap();
+    assert!(
+        BootstrapTokens::load(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("[0].token")
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}

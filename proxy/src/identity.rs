@@ -1,0 +1,207 @@
+//! The proxy's workload identity: it makes its own key (which never leaves
+//! the process) and a CSR for its SPIFFE ID, sends it to the mesh's CA with
+//! its service-account token, and keeps the certificate it gets. It renews
+//! at half-life (with jitter), keeps the current certificate while the CA
+//! is unreachable, and drops it at expiry: then it has no identity rather
+//! than an expired one.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use mesh_api::ca::certificate_service_client::CertificateServiceClient;
+use serde::Serialize;
+
+/// Where and as whom to ask.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `https://host:15012`.
+    pub ca_addr: String,
+    /// PEM roots to trust for the CA's own certificate.
+    pub ca_root: PathBuf,
+    /// The name to expect in the CA's certificate (default: the host).
+    pub ca_name: Option<String>,
+    /// The bearer token (re-read at every request: projected tokens rotate).
+    pub token_file: PathBuf,
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// Requested validity (the CA's default when `None`).
+    pub ttl: Option<Duration>,
+}
+
+/// A certificate and its key.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    pub spiffe_id: String,
+    /// PEM, the workload's certificate first.
+    pub cert_chain: Vec<String>,
+    #[serde(skip)]
+    pub key_pem: String,
+    /// PEM roots to trust for peers.
+    pub roots: Vec<String>,
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+impl Identity {
+    fn expired(&self, now: SystemTime) -> bool {
+        unix(now) >= self.not_after
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The current identity, shared with the listeners.
+#[derive(Default)]
+pub struct Certs {
+    current: ArcSwapOption<Identity>,
+    /// How many certificates were obtained.
+    pub issued: std::sync::atomic::AtomicU64,
+}
+
+impl Certs {
+    /// The certificate in force; `None` before the first one and after
+    /// expiry.
+    pub fn current(&self) -> Option<Arc<Identity>> {
+        self.current
+            .load_full()
+            .filter(|i| !i.expired(SystemTime::now()))
+    }
+}
+
+/// Asks the CA once.
+pub async fn fetch(s: &Settings) -> Result<Identity, String> {
+    let spiffe_id = mesh_api::ca::spiffe_id(&s.trust_domain, &s.namespace, &s.service_account);
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        spiffe_id
+            .as_str()
+            .try_into()
+            .map_err(|e| format!("SPIFFE ID {spiffe_id:?}: {e}"))?,
+    )];
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| e.to_string())?;
+    let token = std::fs::read_to_string(&s.token_file)
+        .map_err(|e| format!("token {}: {e}", s.token_file.display()))?;
+    let root = std::fs::read_to_string(&s.ca_root)
+        .map_err(|e| format!("CA root {}: {e}", s.ca_root.display()))?;
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(root));
+    if let Some(name) = &s.ca_name {
+        tls = tls.domain_name(name.clone());
+    }
+    let channel = tonic::transport::Endpoint::from_shared(s.ca_addr.clone())
+        .map_err(|e| format!("CA address {:?}: {e}", s.ca_addr))?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| format!("CA {}: {e}", s.ca_addr))?;
+    let mut req = tonic::Request::new(mesh_api::ca::CertificateRequest {
+        csr,
+        validity_seconds: s.ttl.map_or(0, |d| d.as_secs() as i64),
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| "the token is not a valid header value".to_string())?,
+    );
+    let resp = CertificateServiceClient::new(channel)
+        .create_certificate(req)
+        .await
+        .map_err(|e| format!("{:?}: {}", e.code(), e.message()))?
+        .into_inner();
+    let leaf = resp
+        .cert_chain
+        .first()
+        .ok_or_else(|| "the CA sent no certificate".to_string())?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(leaf.as_bytes())
+        .map_err(|e| format!("the CA's certificate: {e}"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| format!("the CA's certificate: {e}"))?;
+    // Only what was asked for: the certificate must carry our identity.
+    let sans: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if sans != [spiffe_id.clone()] {
+        return Err(format!(
+            "the CA's certificate names {sans:?}, not {spiffe_id}"
+        ));
+    }
+    Ok(Identity {
+        spiffe_id,
+        serial: cert.raw_serial_as_string(),
+        not_before: cert.validity().not_before.timestamp().max(0) as u64,
+        not_after: cert.validity().not_after.timestamp().max(0) as u64,
+        cert_chain: resp.cert_chain,
+        key_pem: key.serialize_pem(),
+        roots: resp.roots,
+    })
+}
+
+/// Keeps `certs` current until the task is dropped: the first certificate
+/// as soon as the CA answers, then a new one at half of the remaining
+/// validity (±10%), retrying
+/// with backoff while the CA is unreachable.
+pub async fn run(certs: Arc<Certs>, s: Settings) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match fetch(&s).await {
+            Ok(id) => {
+                backoff = Duration::from_millis(200);
+                // Half of what is left (the CA back-dates not-before a
+                // little for clock skew), give or take 10%.
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let left = Duration::from_secs(id.not_after).saturating_sub(now);
+                let wait = (left / 2)
+                    .mul_f64(0.9 + 0.2 * fastrand::f64())
+                    .max(Duration::from_millis(200));
+                tracing::info!(spiffe_id = %id.spiffe_id, serial = %id.serial, renew_in = ?wait, "certificate issued");
+                certs.current.store(Some(Arc::new(id)));
+                certs
+                    .issued
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                let has = certs.current().is_some();
+                tracing::warn!(error = %e, retry_in = ?backoff, keeping_current = has, "no certificate from the CA");
+                if !has {
+                    // Expired: no identity rather than a stale one.
+                    certs.current.store(None);
+                }
+                tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
