@@ -57,8 +57,12 @@ struct Cli {
     /// Validity of workload certificates.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_ttl: Duration,
+    /// The audience workload tokens must carry (Kubernetes TokenReview).
+    #[arg(long, default_value = "mesh-ca")]
+    ca_audience: String,
     /// Who may ask for which identity: a YAML list of {namespace,
-    /// serviceAccount, token}.
+    /// serviceAccount, token}. Without it, in a cluster, service-account
+    /// tokens are checked with a TokenReview.
     #[arg(long, env = "MESH_BOOTSTRAP_TOKENS", value_name = "FILE")]
     bootstrap_tokens: Option<PathBuf>,
     /// Names in pilot's TLS certificate (DNS names or IPs); repeatable.
@@ -109,21 +113,26 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     }
+    // The CA, and bootstrap tokens when given (else, in a cluster, the
+    // Kubernetes TokenReview).
     let authority = match &cli.ca_dir {
         None => None,
         Some(dir) => {
-            let Some(tokens) = &cli.bootstrap_tokens else {
-                eprintln!(
-                    "mesh-pilot: --ca-dir needs --bootstrap-tokens FILE (Kubernetes TokenReview is not built yet)"
-                );
-                return ExitCode::from(EXIT_CONFIG);
-            };
-            let tokens = match mesh_pilot::ca::BootstrapTokens::load(tokens) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("mesh-pilot: --bootstrap-tokens {e}");
+            let tokens = match &cli.bootstrap_tokens {
+                None if cli.config_dir.is_some() => {
+                    eprintln!(
+                        "mesh-pilot: --ca-dir with --config-dir needs --bootstrap-tokens FILE (no Kubernetes tokens to check)"
+                    );
                     return ExitCode::from(EXIT_CONFIG);
                 }
+                None => None,
+                Some(path) => match mesh_pilot::ca::BootstrapTokens::load(path) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        eprintln!("mesh-pilot: --bootstrap-tokens {e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                },
             };
             match mesh_pilot::ca::Ca::load_or_create(dir, &cli.trust_domain, cli.cert_ttl) {
                 Ok(ca) => Some((std::sync::Arc::new(ca), tokens)),
@@ -164,7 +173,8 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let started = match cli.config_dir {
+        let mut kube_client = None;
+        let started = match cli.config_dir.clone() {
             Some(path) => {
                 let files = source::Files {
                     path,
@@ -173,7 +183,10 @@ fn main() -> ExitCode {
                 mesh_pilot::start(cfg, files).await
             }
             None => match kube::Client::try_default().await {
-                Ok(client) => mesh_pilot::start(cfg, source::Kubernetes::new(client)).await,
+                Ok(client) => {
+                    kube_client = Some(client.clone());
+                    mesh_pilot::start(cfg, source::Kubernetes::new(client)).await
+                }
                 Err(e) => {
                     eprintln!(
                         "mesh-pilot: no Kubernetes cluster to watch: {e}\n\
@@ -190,13 +203,28 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if let Some((authority, tokens)) = authority
-            && let Err(e) = running
-                .serve_secure(cli.secure_addr, authority, tokens, &cli.tls_names)
-                .await
-        {
-            eprintln!("mesh-pilot: {e}");
-            return ExitCode::FAILURE;
+        if let Some((authority, tokens)) = authority {
+            let served = match (tokens, kube_client) {
+                (Some(tokens), _) => {
+                    running
+                        .serve_secure(cli.secure_addr, authority, tokens, &cli.tls_names)
+                        .await
+                }
+                (None, Some(client)) => {
+                    let auth = mesh_pilot::ca::KubeTokens {
+                        client,
+                        audience: cli.ca_audience.clone(),
+                    };
+                    running
+                        .serve_secure(cli.secure_addr, authority, auth, &cli.tls_names)
+                        .await
+                }
+                (None, None) => Err(std::io::Error::other("no way to check tokens")),
+            };
+            if let Err(e) = served {
+                eprintln!("mesh-pilot: {e}");
+                return ExitCode::FAILURE;
+            }
         }
         let _ = tokio::signal::ctrl_c().await;
         ExitCode::SUCCESS

@@ -114,3 +114,62 @@ async fn bootstrap_tokens_name_their_workload() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[tokio::test]
+async fn kubernetes_tokens_are_checked_by_a_token_review_with_the_mesh_audience() {
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Full};
+    let (svc, mut handle) =
+        tower_test::mock::pair::<Request<kube::client::Body>, Response<Full<bytes::Bytes>>>();
+    tokio::spawn(async move {
+        while let Some((req, respond)) = handle.next_request().await {
+            assert_eq!(
+                req.uri().path(),
+                "/apis/authentication.k8s.io/v1/tokenreviews"
+            );
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(review["spec"]["audiences"], serde_json::json!(["mesh-ca"]));
+            let status = match review["spec"]["token"].as_str().unwrap() {
+                "good" => serde_json::json!({"authenticated": true, "audiences": ["mesh-ca"],
+                    "user": {"username": "system:serviceaccount:shop:reviews"}}),
+                "other-audience" => serde_json::json!({"authenticated": true, "audiences": ["api"],
+                    "user": {"username": "system:serviceaccount:shop:reviews"}}),
+                "a-user" => serde_json::json!({"authenticated": true, "audiences": ["mesh-ca"],
+                    "user": {"username": "alice@example.com"}}),
+                _ => serde_json::json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
+            let mut out = review.clone();
+            out["status"] = status;
+            respond.send_response(Response::new(Full::new(bytes::Bytes::from(
+                out.to_string(),
+            ))));
+        }
+    });
+    let tokens = KubeTokens {
+        client: kube::Client::new(svc, "default"),
+        audience: "mesh-ca".into(),
+    };
+    assert_eq!(
+        tokens.authenticate("good").await,
+        Ok(("shop".into(), "reviews".into()))
+    );
+    assert!(
+        tokens
+            .authenticate("other-audience")
+            .await
+            .unwrap_err()
+            .contains("audience")
+    );
+    assert!(
+        tokens
+            .authenticate("a-user")
+            .await
+            .unwrap_err()
+            .contains("not a service account")
+    );
+    assert_eq!(
+        tokens.authenticate("forged").await,
+        Err("invalid bearer token".into())
+    );
+}
