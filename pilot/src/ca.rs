@@ -431,3 +431,58 @@ impl Authenticate for KubeTokens {
         }
     }
 }
+
+/// The ConfigMap every namespace gets with the mesh's roots (key
+/// `root-cert.pem`), for workloads to mount.
+pub const ROOT_CONFIGMAP: &str = "mesh-ca-root-cert";
+
+/// Keeps `mesh-ca-root-cert` in every namespace, by server-side apply
+/// (field manager `mesh-pilot`): for each namespace listed or created, and
+/// again after a relist. Terminating namespaces are left alone.
+pub async fn distribute_roots(client: kube::Client, roots: Vec<String>) {
+    use futures_util::StreamExt;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    use kube::runtime::WatchStreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let pem = roots.concat();
+    let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
+    let mut events =
+        std::pin::pin!(watcher::watcher(namespaces, watcher::Config::default()).default_backoff());
+    while let Some(ev) = events.next().await {
+        let ns = match ev {
+            Ok(Event::Apply(ns) | Event::InitApply(ns)) => ns,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "namespace watch failed; retrying");
+                continue;
+            }
+        };
+        let Some(name) = ns.metadata.name.clone() else {
+            continue;
+        };
+        if ns.status.and_then(|s| s.phase).as_deref() == Some("Terminating") {
+            continue;
+        }
+        let cm = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": ROOT_CONFIGMAP,
+                "namespace": name,
+                "labels": {"app.kubernetes.io/managed-by": "mesh-pilot"},
+            },
+            "data": {"root-cert.pem": pem},
+        });
+        let api: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), &name);
+        let params = kube::api::PatchParams::apply("mesh-pilot").force();
+        match api
+            .patch(ROOT_CONFIGMAP, &params, &kube::api::Patch::Apply(&cm))
+            .await
+        {
+            Ok(_) => tracing::debug!(namespace = %name, "root certificate published"),
+            Err(e) => {
+                tracing::warn!(namespace = %name, error = %e, "cannot publish the root certificate")
+            }
+        }
+    }
+}

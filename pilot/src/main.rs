@@ -204,6 +204,13 @@ fn main() -> ExitCode {
             }
         };
         if let Some((authority, tokens)) = authority {
+            if let Some(client) = &kube_client {
+                // Every namespace gets the roots to mount.
+                tokio::spawn(mesh_pilot::ca::distribute_roots(
+                    client.clone(),
+                    authority.roots.clone(),
+                ));
+            }
             let served = match (tokens, kube_client) {
                 (Some(tokens), _) => {
                     running

@@ -173,3 +173,82 @@ async fn kubernetes_tokens_are_checked_by_a_token_review_with_the_mesh_audience(
         Err("invalid bearer token".into())
     );
 }
+
+#[tokio::test]
+async fn every_live_namespace_gets_the_root_configmap() {
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Full};
+    let (svc, mut handle) =
+        tower_test::mock::pair::<Request<kube::client::Body>, Response<Full<bytes::Bytes>>>();
+    let (applied_tx, mut applied) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut parked = Vec::new();
+        let mut watched = false;
+        while let Some((req, respond)) = handle.next_request().await {
+            let (method, uri) = (req.method().clone(), req.uri().clone());
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let ok =
+                |v: serde_json::Value| Response::new(Full::new(bytes::Bytes::from(v.to_string())));
+            match (method.as_str(), uri.path()) {
+                ("GET", "/api/v1/namespaces")
+                    if uri.query().is_some_and(|q| q.contains("watch=true")) =>
+                {
+                    if watched {
+                        parked.push(respond);
+                    } else {
+                        watched = true;
+                        let ev = serde_json::json!({"type": "ADDED", "object": {
+                            "apiVersion": "v1", "kind": "Namespace",
+                            "metadata": {"name": "new", "resourceVersion": "2"}}});
+                        respond.send_response(ok(ev));
+                    }
+                }
+                ("GET", "/api/v1/namespaces") => respond.send_response(ok(serde_json::json!({
+                "apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": "1"},
+                "items": [
+                    {"metadata": {"name": "default"}},
+                    {"metadata": {"name": "shop"}},
+                    {"metadata": {"name": "old"}, "status": {"phase": "Terminating"}},
+                ]}))),
+                ("PATCH", path) => {
+                    assert!(
+                        uri.query().unwrap().contains("fieldManager=mesh-pilot"),
+                        "{uri}"
+                    );
+                    let cm: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    applied_tx
+                        .send((
+                            path.to_string(),
+                            cm["data"]["root-cert.pem"].as_str().unwrap().to_string(),
+                        ))
+                        .unwrap();
+                    respond.send_response(ok(cm));
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    });
+    let task = tokio::spawn(distribute_roots(
+        kube::Client::new(svc, "default"),
+        vec!["-----BEGIN CERTIFICATE-----\nROOT\n-----END CERTIFICATE-----\n".into()],
+    ));
+    let mut paths = Vec::new();
+    for _ in 0..3 {
+        let (path, pem) = tokio::time::timeout(Duration::from_secs(10), applied.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(pem.contains("ROOT"));
+        paths.push(path);
+    }
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/namespaces/default/configmaps/mesh-ca-root-cert",
+            "/api/v1/namespaces/new/configmaps/mesh-ca-root-cert",
+            "/api/v1/namespaces/shop/configmaps/mesh-ca-root-cert",
+        ]
+    );
+    task.abort();
+}
