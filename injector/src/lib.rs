@@ -46,6 +46,10 @@ pub const STATUS_PORT: i32 = 15020;
 pub const READY_PORT: i32 = 15021;
 const TOKEN_VOLUME: &str = "mesh-token";
 const CERTS_VOLUME: &str = "mesh-certs";
+const ROOT_VOLUME: &str = "mesh-root";
+/// The ConfigMap pilot keeps in every namespace with the mesh's roots.
+const ROOT_CONFIGMAP: &str = "mesh-ca-root-cert";
+const ROOT_PATH: &str = "/etc/mesh/root";
 const TOKEN_PATH: &str = "/var/run/secrets/mesh";
 const CERTS_PATH: &str = "/etc/mesh/certs";
 
@@ -76,6 +80,9 @@ pub struct Settings {
     pub image_pull_policy: Option<String>,
     /// Where sidecars reach pilot's xDS.
     pub pilot_address: String,
+    /// Where sidecars get their certificates (pilot's TLS port); empty
+    /// for none.
+    pub ca_address: String,
     pub trust_domain: String,
     /// Audience of the projected token the proxy presents to the CA.
     pub ca_audience: String,
@@ -98,6 +105,7 @@ impl Default for Settings {
             proxy_image: format!("mesh/proxy:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: None,
             pilot_address: "mesh-pilot.mesh-system.svc:15010".into(),
+            ca_address: "mesh-pilot.mesh-system.svc:15012".into(),
             trust_domain: "cluster.local".into(),
             ca_audience: "mesh-ca".into(),
             proxy_cpu: "10m".into(),
@@ -345,6 +353,17 @@ pub fn inject(
         ..Default::default()
     });
 
+    volumes.push(Volume {
+        name: ROOT_VOLUME.into(),
+        config_map: Some(k8s_openapi::api::core::v1::ConfigMapVolumeSource {
+            name: ROOT_CONFIGMAP.into(),
+            // Pods may start before pilot has written it.
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+
     let status = Status {
         init_containers: if native {
             vec![INIT_NAME.into(), PROXY_NAME.into()]
@@ -356,7 +375,7 @@ pub fn inject(
         } else {
             vec![PROXY_NAME.into()]
         },
-        volumes: vec![TOKEN_VOLUME.into(), CERTS_VOLUME.into()],
+        volumes: vec![TOKEN_VOLUME.into(), CERTS_VOLUME.into(), ROOT_VOLUME.into()],
         native_sidecar: native,
         version: env!("CARGO_PKG_VERSION").into(),
     };
@@ -575,9 +594,13 @@ fn proxy_container(
         field_env("POD_NAMESPACE", "metadata.namespace"),
         field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         value_env("MESH_XDS_ADDR", settings.pilot_address.clone()),
+        value_env("MESH_TRUST_DOMAIN", settings.trust_domain.clone()),
         value_env("MESH_LABELS", labels),
         value_env("MESH_LOG", log_level),
     ];
+    if !settings.ca_address.is_empty() {
+        env.push(value_env("MESH_CA_ADDR", settings.ca_address.clone()));
+    }
     if !probers.is_empty() {
         env.push(value_env(
             "MESH_APP_PROBERS",
@@ -658,6 +681,12 @@ fn proxy_container(
             VolumeMount {
                 name: CERTS_VOLUME.into(),
                 mount_path: CERTS_PATH.into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: ROOT_VOLUME.into(),
+                mount_path: ROOT_PATH.into(),
+                read_only: Some(true),
                 ..Default::default()
             },
         ]),
