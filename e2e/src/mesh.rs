@@ -417,7 +417,23 @@ impl LocalMesh {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        self.within(move || requests(gateway, path, headers, n, concurrency))
+        let done = Arc::new(AtomicUsize::new(0));
+        self.within(move || requests(gateway, path, headers, n, concurrency, done))
+            .await
+    }
+
+    /// As [`LocalMesh::requests`], counting answered requests in `done` as
+    /// they come, so that a test can act once the load is under way.
+    pub async fn requests_counted(
+        &self,
+        path: &str,
+        n: usize,
+        concurrency: usize,
+        done: Arc<AtomicUsize>,
+    ) -> Vec<Outcome> {
+        let gateway = self.gateway;
+        let path = path.to_string();
+        self.within(move || requests(gateway, path, Vec::new(), n, concurrency, done))
             .await
     }
 
@@ -480,12 +496,19 @@ async fn requests(
     headers: Vec<(String, String)>,
     n: usize,
     concurrency: usize,
+    done: Arc<AtomicUsize>,
 ) -> Vec<Outcome> {
     let c = client();
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (c, headers, next, path) = (c.clone(), headers.clone(), next.clone(), path.clone());
+        let (c, headers, next, path, done) = (
+            c.clone(),
+            headers.clone(),
+            next.clone(),
+            path.clone(),
+            done.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < n {
@@ -513,6 +536,7 @@ async fn requests(
                         took: start.elapsed(),
                     },
                 });
+                done.fetch_add(1, Ordering::Relaxed);
             }
             out
         }));

@@ -148,7 +148,7 @@ async fn certificates_renew_and_outlive_the_ca_until_expiry() {
     let certs = Arc::new(Certs::default());
     let task = tokio::spawn(identity::run(
         certs.clone(),
-        f.settings("reviews", "reviews", Some(Duration::from_secs(2))),
+        f.settings("reviews", "reviews", Some(Duration::from_secs(3))),
     ));
     assert!(
         eventually(Duration::from_secs(10), || async {

@@ -4,6 +4,8 @@
 //! reach caller-service, which calls callme-service through its sidecar.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mesh_e2e::mesh::{LocalMesh, Outcome, entry, workload};
@@ -67,6 +69,15 @@ async fn settle(m: &LocalMesh, headers: &[(&str, &str)], want: &str, n: usize) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits (bounded) until the load has `n` answers.
+async fn until_answered(done: &AtomicUsize, n: usize) {
+    let ok = eventually(Duration::from_secs(10), || async {
+        done.load(Ordering::Relaxed) >= n
+    })
+    .await;
+    assert!(ok, "the load reached {n} requests");
 }
 
 /// Waits until a request answers with a body ending in `want`.
@@ -338,13 +349,17 @@ async fn a_killed_instance_is_ejected_and_changes_under_load_fail_nothing() {
     );
 
     // A route change under steady load fails nothing.
-    let (out, ()) = tokio::join!(m.requests("/caller/ping", &[], 600, 4), async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        m.write(
-            "callme.yaml",
-            &callme_vs("  - route: [{destination: {host: callme-service, subset: v2}}]\n"),
-        );
-    });
+    let done = Arc::new(AtomicUsize::new(0));
+    let (out, ()) = tokio::join!(
+        m.requests_counted("/caller/ping", 600, 4, done.clone()),
+        async {
+            until_answered(&done, 100).await;
+            m.write(
+                "callme.yaml",
+                &callme_vs("  - route: [{destination: {host: callme-service, subset: v2}}]\n"),
+            );
+        }
+    );
     let t = tally(&out);
     println!("route change under load: {t:?}");
     assert_eq!(out.iter().filter(|o| o.status != 200).count(), 0, "{t:?}");
@@ -358,12 +373,18 @@ async fn a_killed_instance_is_ejected_and_changes_under_load_fail_nothing() {
     );
 
     // Pilot killed and restarted under load fails nothing either.
-    let (out, ()) = tokio::join!(m.requests("/caller/ping", &[], 600, 4), async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        m.kill_pilot();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        m.restart_pilot().await;
-    });
+    let done = Arc::new(AtomicUsize::new(0));
+    let (out, ()) = tokio::join!(
+        m.requests_counted("/caller/ping", 600, 4, done.clone()),
+        async {
+            until_answered(&done, 100).await;
+            m.kill_pilot();
+            // Requests keep being served while pilot is gone.
+            let before = done.load(Ordering::Relaxed);
+            until_answered(&done, before + 150).await;
+            m.restart_pilot().await;
+        }
+    );
     assert_eq!(
         out.iter().filter(|o| o.status != 200).count(),
         0,

@@ -65,6 +65,8 @@ pub struct Certs {
     current: ArcSwapOption<Identity>,
     /// How many certificates were obtained.
     pub issued: std::sync::atomic::AtomicU64,
+    /// How many requests to the CA failed.
+    pub failures: std::sync::atomic::AtomicU64,
 }
 
 impl Certs {
@@ -193,6 +195,9 @@ pub async fn run(certs: Arc<Certs>, s: Settings) {
                 tokio::time::sleep(wait).await;
             }
             Err(e) => {
+                certs
+                    .failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let has = certs.current().is_some();
                 tracing::warn!(error = %e, retry_in = ?backoff, keeping_current = has, "no certificate from the CA");
                 if !has {

@@ -4,33 +4,14 @@
 //! service address (SO_ORIGINAL_DST picks the destination) and inbound from
 //! another namespace over a veth link.
 //!
-//! Needs root, `ip`, iptables and `setpriv`; without them it says so and
-//! passes. Addresses exist only inside the namespaces it creates.
+//! Needs root, `ip`, iptables, `setpriv` and python3; without them it says
+//! so and passes. Addresses exist only inside the namespaces it creates.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        run(&["ip", "netns", "add", &name]);
-        Netns(name)
-    }
-
-    fn exec(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(args);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use mesh_e2e::binary;
+use mesh_e2e::netns::{Netns, run, unavailable};
 
 struct Kill(Child);
 
@@ -41,34 +22,16 @@ impl Drop for Kill {
     }
 }
 
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn missing_prerequisite() -> Option<String> {
-    let uid = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if uid.as_deref().ok() != Some("0") {
-        return Some("not running as root".into());
+    if let Some(why) = unavailable() {
+        return Some(why);
     }
-    for tool in ["ip", "iptables-restore", "setpriv", "python3"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
+    let python = Command::new("sh")
+        .args(["-c", "command -v python3"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    (!python).then(|| "python3 is not installed".to_string())
 }
 
 /// Runs a Python HTTP client in `ns`; returns the response body or error.
@@ -76,7 +39,7 @@ fn fetch(ns: &Netns, url: &str) -> String {
     let script = format!(
         "import urllib.request,sys\ntry:\n  r=urllib.request.urlopen('{url}',timeout=5); sys.stdout.write(r.read().decode())\nexcept Exception as e:\n  sys.stdout.write('ERROR '+str(e))"
     );
-    let out = ns.exec(&["python3", "-c", &script]).output().unwrap();
+    let out = ns.exec("python3").args(["-c", &script]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -108,37 +71,38 @@ fn captured_traffic_goes_through_the_proxy() {
     run(&[
         "ip", "link", "add", veth_pod, "type", "veth", "peer", "name", veth_cli,
     ]);
-    run(&["ip", "link", "set", veth_pod, "netns", &pod.0]);
-    run(&["ip", "link", "set", veth_cli, "netns", &client.0]);
+    run(&["ip", "link", "set", veth_pod, "netns", &pod.name]);
+    run(&["ip", "link", "set", veth_cli, "netns", &client.name]);
     for (ns, dev, addr) in [
         (&pod, veth_pod, "10.201.0.1/24"),
         (&client, veth_cli, "10.201.0.2/24"),
     ] {
-        run(&["ip", "-n", &ns.0, "addr", "add", addr, "dev", dev]);
-        run(&["ip", "-n", &ns.0, "link", "set", dev, "up"]);
-        run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
+        run(&["ip", "-n", &ns.name, "addr", "add", addr, "dev", dev]);
+        run(&["ip", "-n", &ns.name, "link", "set", dev, "up"]);
+        run(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
     }
     // A "service network" the pod routes out of, as a cluster's ClusterIPs.
     // (A veth pair inside the pod: some kernels lack the dummy driver.)
     run(&[
-        "ip", "-n", &pod.0, "link", "add", "svc0", "type", "veth", "peer", "name", "svc1",
+        "ip", "-n", &pod.name, "link", "add", "svc0", "type", "veth", "peer", "name", "svc1",
     ]);
-    run(&["ip", "-n", &pod.0, "link", "set", "svc1", "up"]);
+    run(&["ip", "-n", &pod.name, "link", "set", "svc1", "up"]);
     run(&[
         "ip",
         "-n",
-        &pod.0,
+        &pod.name,
         "addr",
         "add",
         "10.96.0.1/16",
         "dev",
         "svc0",
     ]);
-    run(&["ip", "-n", &pod.0, "link", "set", "svc0", "up"]);
+    run(&["ip", "-n", &pod.name, "link", "set", "svc0", "up"]);
 
     // The app: serves on 8000; also the upstream the service routes to.
     let _app = Kill(
-        pod.exec(&["python3", "-m", "http.server", "8000", "--bind", "0.0.0.0"])
+        pod.exec("python3")
+            .args(["-m", "http.server", "8000", "--bind", "0.0.0.0"])
             .current_dir(std::env::temp_dir())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -147,16 +111,11 @@ fn captured_traffic_goes_through_the_proxy() {
     );
 
     // The init container: the very command the injector writes.
-    let proxy_bin = env!("CARGO_BIN_EXE_mesh-proxy");
+    let proxy_bin = binary("mesh-proxy");
+    let proxy_bin = proxy_bin.to_str().unwrap();
     let init = pod
-        .exec(&[
-            proxy_bin,
-            "init",
-            "--proxy-uid",
-            "1337",
-            "--proxy-gid",
-            "1337",
-        ])
+        .exec(proxy_bin)
+        .args(["init", "--proxy-uid", "1337", "--proxy-gid", "1337"])
         .output()
         .unwrap();
     assert!(
@@ -197,19 +156,19 @@ inbound:
         .args(["-R", "a+rX", dir.to_str().unwrap()])
         .status();
     let _proxy = Kill(
-        pod.exec(&[
-            "setpriv",
-            "--reuid=1337",
-            "--regid=1337",
-            "--clear-groups",
-            proxy_bin,
-            "--config",
-            cfg.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
+        pod.exec("setpriv")
+            .args([
+                "--reuid=1337",
+                "--regid=1337",
+                "--clear-groups",
+                proxy_bin,
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
     );
 
     // Outbound: the app dials a service address; the sidecar answers.
