@@ -25,6 +25,11 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo build (the binaries the end-to-end tests start)"
+# `cargo test` builds a package's binaries only for that package's own
+# integration tests; the e2e crate starts those of the other packages.
+cargo build --workspace --bins --locked
+
 step "cargo test"
 cargo test --workspace --locked
 

@@ -211,7 +211,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is not built; run the tests with `cargo test --workspace`",
+        "{} is not built; run `cargo build --workspace --bins` first (scripts/test.sh does)",
         path.display()
     );
     path
