@@ -13,11 +13,13 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
+use crate::networking::ClientTlsSettings;
 use crate::networking::{
     ConnectionPoolSettings, CorsPolicy, Headers, HttpDirectResponse, HttpFaultInjection,
     HttpMatchRequest, HttpRedirect, HttpRetry, HttpRewrite, LoadBalancerSettings, OutlierDetection,
     Percent, RateLimitPolicySpec,
 };
+use crate::security::MtlsMode;
 
 /// Everything one proxy runs.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -253,6 +255,10 @@ pub struct Cluster {
     pub connection_pool: Option<ConnectionPoolSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// TLS origination from the DestinationRule. Unset: automatic mTLS,
+    /// to the endpoints that have an `identity` (a sidecar).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClientTlsSettings>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -270,6 +276,10 @@ pub struct Endpoint {
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality: Option<String>,
+    /// The SPIFFE ID of the endpoint's sidecar, when it has one: traffic
+    /// to it uses mTLS and the certificate must name this identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 fn one() -> u32 {
@@ -292,6 +302,26 @@ pub struct Inbound {
     /// Connection limits for traffic to the app.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPoolSettings>,
+    /// The PeerAuthentication mode in force (UNSET is PERMISSIVE).
+    #[serde(default, skip_serializing_if = "is_unset")]
+    pub mtls: MtlsMode,
+    /// Port-level modes (by the workload's port), overriding `mtls`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_mtls: BTreeMap<u16, MtlsMode>,
+}
+
+fn is_unset(m: &MtlsMode) -> bool {
+    *m == MtlsMode::Unset
+}
+
+impl Inbound {
+    /// The mode for traffic to `port`: STRICT, PERMISSIVE or DISABLE.
+    pub fn mtls_for(&self, port: u16) -> MtlsMode {
+        match self.port_mtls.get(&port).copied().unwrap_or(self.mtls) {
+            MtlsMode::Unset => MtlsMode::Permissive,
+            m => m,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

@@ -13,6 +13,11 @@ use crate::selector::{PortKey, WorkloadSelector};
 
 pub const GROUP: &str = "security.mesh.dev";
 
+/// The pod label the injector sets on workloads that have a sidecar
+/// (value [`TLS_MODE_MESH`]): other sidecars talk mTLS to them.
+pub const TLS_MODE_LABEL: &str = "security.mesh.dev/tlsMode";
+pub const TLS_MODE_MESH: &str = "mesh";
+
 // ---------------------------------------------------------------------------
 // PeerAuthentication
 // ---------------------------------------------------------------------------

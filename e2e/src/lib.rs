@@ -226,7 +226,7 @@ pub struct PilotProcess {
 
 impl PilotProcess {
     pub fn start(config_dir: &Path, xds: SocketAddr, http: SocketAddr) -> PilotProcess {
-        PilotProcess::start_in(None, config_dir, xds, http)
+        PilotProcess::start_in(None, config_dir, xds, http, &[])
     }
 
     /// Starts pilot inside a network namespace (`None`: this one).
@@ -235,6 +235,7 @@ impl PilotProcess {
         config_dir: &Path,
         xds: SocketAddr,
         http: SocketAddr,
+        extra: &[String],
     ) -> PilotProcess {
         let program = binary("mesh-pilot");
         let program = program.to_str().expect("a UTF-8 path");
@@ -248,6 +249,7 @@ impl PilotProcess {
             .args(["--xds-addr", &xds.to_string()])
             .args(["--http-addr", &http.to_string()])
             .args(["--reload-interval", "20ms"])
+            .args(extra)
             .env("MESH_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()
@@ -272,4 +274,60 @@ impl Drop for PilotProcess {
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let got = get(&client(), addr, &addr.to_string(), path).await.ok()?;
     (got.status == 200).then_some(got.body)
+}
+
+/// pilot in-process with its CA: the files source on `dir/config`, the CA
+/// in `dir/ca` (trust domain `cluster.local`), the CA and secure xDS on a
+/// loopback port, its root written to `dir/root-cert.pem`.
+pub struct SecurePilot {
+    /// Dropping it stops pilot, CA included.
+    pub pilot: Option<mesh_pilot::Running>,
+    pub ca: Arc<mesh_pilot::ca::Ca>,
+    /// `https://127.0.0.1:<port>`; the certificate names `localhost` and
+    /// `127.0.0.1`.
+    pub ca_addr: String,
+    pub root: PathBuf,
+}
+
+pub async fn secure_pilot(dir: &Path, tokens: mesh_pilot::ca::BootstrapTokens) -> SecurePilot {
+    std::fs::create_dir_all(dir.join("config")).expect("config dir");
+    let ca = Arc::new(
+        mesh_pilot::ca::Ca::load_or_create(
+            &dir.join("ca"),
+            "cluster.local",
+            Duration::from_secs(3600),
+        )
+        .expect("the CA"),
+    );
+    let mut pilot = mesh_pilot::start(
+        mesh_pilot::Config {
+            xds_addr: "127.0.0.1:0".parse().expect("address"),
+            http_addr: "127.0.0.1:0".parse().expect("address"),
+            mesh: mesh_pilot::MeshSettings::default(),
+            debounce: mesh_pilot::Debounce::default(),
+        },
+        mesh_pilot::source::Files {
+            path: dir.join("config"),
+            interval: Duration::from_millis(50),
+        },
+    )
+    .await
+    .expect("pilot starts");
+    let addr = pilot
+        .serve_secure(
+            "127.0.0.1:0".parse().expect("address"),
+            ca.clone(),
+            tokens,
+            &["localhost".to_string(), "127.0.0.1".to_string()],
+        )
+        .await
+        .expect("the CA serves");
+    let root = dir.join("root-cert.pem");
+    std::fs::write(&root, ca.roots.concat()).expect("root file");
+    SecurePilot {
+        pilot: Some(pilot),
+        ca,
+        ca_addr: format!("https://{addr}"),
+        root,
+    }
 }

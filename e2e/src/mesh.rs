@@ -76,6 +76,11 @@ pub struct Outcome {
 
 pub struct LocalMesh {
     pub dir: PathBuf,
+    /// The CA's directory and each proxy's bootstrap token (beside `dir`,
+    /// which pilot reads as config).
+    pki: PathBuf,
+    /// pilot's CA and secure xDS address.
+    ca_addr: SocketAddr,
     pilot: std::sync::Mutex<PilotProcess>,
     /// The ingress gateway's listener.
     pub gateway: SocketAddr,
@@ -160,6 +165,23 @@ impl LocalMesh {
             ));
         }
         let mut apps = BTreeMap::new();
+        let pki = dir.with_extension("pki");
+        let _ = std::fs::remove_dir_all(&pki);
+        std::fs::create_dir_all(&pki).expect("pki dir");
+        // Every proxy proves who it is to the CA with a bootstrap token.
+        let mut tokens = String::new();
+        let accounts = workloads
+            .iter()
+            .map(|w| (w.name.as_str(), service_account(w)))
+            .chain([("ingressgateway", "ingressgateway".to_string())]);
+        for (name, sa) in accounts {
+            let token = format!("{name}-token-{}", std::process::id());
+            std::fs::write(pki.join(format!("{name}.token")), &token).expect("token");
+            tokens.push_str(&format!(
+                "- {{namespace: default, serviceAccount: {sa}, token: {token}}}\n"
+            ));
+        }
+        std::fs::write(pki.join("tokens.yaml"), tokens).expect("tokens");
         for w in workloads {
             let addr = match &mut net {
                 Some(n) => SocketAddr::new(
@@ -169,7 +191,13 @@ impl LocalMesh {
                 None => local(free_port()),
             };
             apps.insert(w.name.clone(), addr);
-            platform.push_str(&entry(&w.name, w.service, w.version, addr));
+            platform.push_str(&match &net {
+                // A sidecar stands in front of the app: other sidecars
+                // talk mTLS to it.
+                Some(_) => sidecar_entry(&w.name, w.service, w.version, &service_account(w), addr),
+                // The endpoint is the app itself.
+                None => entry(&w.name, w.service, w.version, addr),
+            });
         }
         let gateway = match &mut net {
             Some(n) => SocketAddr::new(n.pod("gateway"), 8080),
@@ -185,16 +213,25 @@ impl LocalMesh {
             &dir.join("gateway.yaml"),
             &gateway_yaml(gateway.port(), gateway_route, ""),
         );
-        let (xds, http) = match &net {
+        let (xds, http, ca_addr) = match &net {
             Some(_) => (
                 SocketAddr::new(HUB.into(), 15010),
                 SocketAddr::new(HUB.into(), 15014),
+                SocketAddr::new(HUB.into(), 15012),
             ),
-            None => (local(free_port()), local(free_port())),
+            None => (local(free_port()), local(free_port()), local(free_port())),
         };
-        let pilot = PilotProcess::start_in(net.as_ref().map(|n| &n.hub), &dir, xds, http);
+        let pilot = PilotProcess::start_in(
+            net.as_ref().map(|n| &n.hub),
+            &dir,
+            xds,
+            http,
+            &pilot_ca_args(&pki, ca_addr),
+        );
         let mut mesh = LocalMesh {
             dir,
+            pki,
+            ca_addr,
             pilot: std::sync::Mutex::new(pilot),
             gateway,
             gateway_route: (
@@ -338,8 +375,12 @@ impl LocalMesh {
                 };
                 ready = SocketAddr::new(pod_ip, 15021);
                 if mode == "sidecar" {
+                    let pki = Pki {
+                        root: self.root_cert(),
+                        token: self.pki.join(format!("{name}.token")),
+                    };
                     let (child, probe) =
-                        injected_sidecar(ns, &program, name, labels, self.apps[name].port());
+                        injected_sidecar(ns, &program, name, labels, self.apps[name].port(), &pki);
                     self.procs
                         .entry(name.to_string())
                         .or_default()
@@ -365,7 +406,25 @@ impl LocalMesh {
                 };
             }
         }
+        let account = match mode {
+            "gateway" => "ingressgateway".to_string(),
+            _ => labels
+                .iter()
+                .find(|(k, _)| *k == "app")
+                .map(|(_, v)| v.to_string())
+                .unwrap_or_else(|| name.to_string()),
+        };
+        let account = sample_template(name)
+            .and_then(|t| t["spec"]["serviceAccountName"].as_str().map(str::to_string))
+            .unwrap_or(account);
         cmd.args(["--mode", mode])
+            .args(["--service-account", &account])
+            .args(["--ca-addr", &format!("https://{}", self.ca_addr)])
+            .args(["--ca-root", &self.root_cert().display().to_string()])
+            .args([
+                "--token-file",
+                &self.pki.join(format!("{name}.token")).display().to_string(),
+            ])
             .args(["--xds", &self.pilot().xds.to_string()])
             .args(["--workload", name])
             .args(["--proxy-id", &format!("{name}.default")])
@@ -464,6 +523,33 @@ impl LocalMesh {
         self.pilot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether workloads are pods in network namespaces (with transparent
+    /// capture and a sidecar in front of every app).
+    pub fn namespaced(&self) -> bool {
+        self.net.is_some()
+    }
+
+    /// A plaintext GET of `path` straight to a workload's address, from
+    /// outside the mesh: `None` unless it is answered with 200.
+    pub async fn direct_get(&self, workload: &str, path: &str) -> Option<String> {
+        let addr = self.apps[workload];
+        let path = path.to_string();
+        self.within(move || async move { http_get(addr, &path).await })
+            .await
+    }
+
+    /// A pod's sidecar metrics (namespace variant: its port 15020).
+    pub async fn sidecar_metrics(&self, workload: &str) -> Option<String> {
+        let addr = SocketAddr::new(self.apps[workload].ip(), 15020);
+        self.within(move || async move { http_get(addr, "/stats/prometheus").await })
+            .await
+    }
+
+    /// The mesh's root certificate (the CA writes it at start).
+    fn root_cert(&self) -> PathBuf {
+        self.pki.join("ca").join("root-cert.pem")
+    }
+
     /// SIGKILLs pilot.
     pub fn kill_pilot(&self) {
         self.pilot().kill();
@@ -475,8 +561,13 @@ impl LocalMesh {
             let p = self.pilot();
             (p.xds, p.http)
         };
-        let started =
-            PilotProcess::start_in(self.net.as_ref().map(|n| &n.hub), &self.dir, xds, http);
+        let started = PilotProcess::start_in(
+            self.net.as_ref().map(|n| &n.hub),
+            &self.dir,
+            xds,
+            http,
+            &pilot_ca_args(&self.pki, self.ca_addr),
+        );
         *self.pilot() = started;
         self.wait_ready(http, "/ready", "pilot").await;
     }
@@ -487,7 +578,31 @@ impl Drop for LocalMesh {
         self.procs.clear();
         self.pilot().kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.pki);
     }
+}
+
+/// pilot's CA: its directory (a root is made there at first start), the
+/// secure port and the proxies' bootstrap tokens.
+fn pilot_ca_args(pki: &Path, addr: SocketAddr) -> Vec<String> {
+    vec![
+        "--ca-dir".into(),
+        pki.join("ca").display().to_string(),
+        "--secure-addr".into(),
+        addr.to_string(),
+        "--bootstrap-tokens".into(),
+        pki.join("tokens.yaml").display().to_string(),
+        "--tls-name".into(),
+        addr.ip().to_string(),
+    ]
+}
+
+/// A workload's service account: its sample Deployment's, else its
+/// service's name.
+fn service_account(w: &Workload) -> String {
+    sample_template(&w.name)
+        .and_then(|t| t["spec"]["serviceAccountName"].as_str().map(str::to_string))
+        .unwrap_or_else(|| w.service.to_string())
 }
 
 async fn requests(
@@ -552,12 +667,20 @@ async fn requests(
 /// injector's init container (`mesh-proxy init …`, the capture rules), then
 /// the sidecar with the injected args, env and user. What is injected is
 /// what runs.
+/// Where a pod's mounted root certificate and CA token are, on this
+/// machine.
+struct Pki {
+    root: PathBuf,
+    token: PathBuf,
+}
+
 fn injected_sidecar(
     ns: &crate::netns::Netns,
     program: &str,
     name: &str,
     labels: &[(&str, &str)],
     port: u16,
+    pki: &Pki,
 ) -> (Child, Option<String>) {
     use k8s_openapi::api::core::v1::Pod;
     let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
@@ -592,8 +715,7 @@ fn injected_sidecar(
         .unwrap_or_else(|| "default".into());
     let settings = mesh_injector::Settings {
         pilot_address: format!("{HUB}:15010"),
-        // The suite's pilot runs without a CA.
-        ca_address: String::new(),
+        ca_address: format!("{HUB}:15012"),
         log_level: "error".into(),
         ..Default::default()
     };
@@ -656,6 +778,9 @@ fn injected_sidecar(
         };
         cmd.env(&e.name, value);
     }
+    // The kubelet's mounts: the root ConfigMap and the projected token.
+    cmd.env("MESH_CA_ROOT", &pki.root)
+        .env("MESH_TOKEN_FILE", &pki.token);
     let probe = spec
         .containers
         .first()
@@ -686,11 +811,28 @@ fn gateway_yaml(port: u16, (prefix, host, host_port): (&str, &str, u16), extra: 
     )
 }
 
-/// A WorkloadEntry for an app listening on `addr`, selected by `service`.
+/// A WorkloadEntry for an app (without a sidecar) listening on `addr`,
+/// selected by `service`.
 pub fn entry(name: &str, service: &str, version: &str, addr: SocketAddr) -> String {
     format!(
         "apiVersion: networking.mesh.dev/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}}}\n\
          spec: {{address: '{}', ports: {{http: {}}}, labels: {{app: {service}, version: {version}}}, serviceAccount: {service}}}\n---\n",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// A WorkloadEntry for a pod whose sidecar runs as `account`.
+fn sidecar_entry(
+    name: &str,
+    service: &str,
+    version: &str,
+    account: &str,
+    addr: SocketAddr,
+) -> String {
+    format!(
+        "apiVersion: networking.mesh.dev/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}}}\n\
+         spec: {{address: '{}', ports: {{http: {}}}, labels: {{app: {service}, version: {version}, security.mesh.dev/tlsMode: mesh}}, serviceAccount: {account}}}\n---\n",
         addr.ip(),
         addr.port()
     )

@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use mesh_e2e::eventually;
 use mesh_pilot::ca::{BootstrapTokens, Ca};
-use mesh_pilot::source::Files;
-use mesh_pilot::{Config, Debounce, MeshSettings};
 use mesh_proxy::identity::{self, Certs, Settings};
 
 const REVIEWS_TOKEN: &str = "reviews-0123456789abcdef";
@@ -28,38 +26,10 @@ struct Fixture {
 async fn fixture(name: &str) -> Fixture {
     let dir = std::env::temp_dir().join(format!("mesh-identity-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("config")).unwrap();
-    let ca = Arc::new(
-        Ca::load_or_create(&dir.join("ca"), "cluster.local", Duration::from_secs(3600)).unwrap(),
-    );
     let mut tokens = BootstrapTokens::default();
     tokens.insert(REVIEWS_TOKEN.into(), "default", "reviews");
     tokens.insert(RATINGS_TOKEN.into(), "default", "ratings");
-    let mut pilot = mesh_pilot::start(
-        Config {
-            xds_addr: "127.0.0.1:0".parse().unwrap(),
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            mesh: MeshSettings::default(),
-            debounce: Debounce::default(),
-        },
-        Files {
-            path: dir.join("config"),
-            interval: Duration::from_millis(50),
-        },
-    )
-    .await
-    .unwrap();
-    let addr = pilot
-        .serve_secure(
-            "127.0.0.1:0".parse().unwrap(),
-            ca.clone(),
-            tokens,
-            &["localhost".to_string(), "127.0.0.1".to_string()],
-        )
-        .await
-        .unwrap();
-    let root = dir.join("root-cert.pem");
-    std::fs::write(&root, ca.roots.concat()).unwrap();
+    let secure = mesh_e2e::secure_pilot(&dir, tokens).await;
     for (n, t) in [
         ("reviews", REVIEWS_TOKEN),
         ("ratings", RATINGS_TOKEN),
@@ -68,9 +38,9 @@ async fn fixture(name: &str) -> Fixture {
         std::fs::write(dir.join(format!("{n}.token")), t).unwrap();
     }
     Fixture {
-        ca_addr: format!("https://{addr}"),
-        root,
-        pilot: Some(pilot),
+        ca_addr: secure.ca_addr,
+        root: secure.root,
+        pilot: secure.pilot,
         dir,
     }
 }

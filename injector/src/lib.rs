@@ -379,6 +379,11 @@ pub fn inject(
         native_sidecar: native,
         version: env!("CARGO_PKG_VERSION").into(),
     };
+    // Other sidecars talk mTLS to pods with this label.
+    meta.labels.get_or_insert_with(BTreeMap::new).insert(
+        mesh_api::security::TLS_MODE_LABEL.into(),
+        mesh_api::security::TLS_MODE_MESH.into(),
+    );
     let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
     annotations.insert(
         STATUS_ANNOTATION.into(),

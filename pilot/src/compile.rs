@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use mesh_api::ca::spiffe_id;
 use mesh_api::model::{
     self, Cluster, DestinationConfig, Endpoint, GatewayListener, Inbound, InboundPort, Mirror,
     OutboundPolicy, Protocol, Route, RouteAction, TcpRoute, VirtualHost, WeightedCluster,
@@ -16,6 +17,8 @@ use mesh_api::model::{
 use mesh_api::networking::{
     self as net, DestinationRule, HttpRoute, OutboundTrafficMode, TrafficPolicy, VirtualService,
 };
+use mesh_api::resource::ROOT_NAMESPACE;
+use mesh_api::security::{MtlsMode, PeerAuthentication, TLS_MODE_LABEL, TLS_MODE_MESH};
 use mesh_api::validate::{fqdn, host_covers};
 use mesh_api::{Kind, Resource};
 
@@ -38,6 +41,17 @@ pub struct NodeInfo {
 pub struct MeshSettings {
     pub outbound_policy: OutboundPolicy,
     pub trust_domain: String,
+}
+
+impl MeshSettings {
+    /// The trust domain, `cluster.local` when unset.
+    pub fn trust_domain(&self) -> &str {
+        if self.trust_domain.is_empty() {
+            mesh_api::resource::DEFAULT_TRUST_DOMAIN
+        } else {
+            &self.trust_domain
+        }
+    }
 }
 
 /// `outbound|port|subset|host`.
@@ -331,8 +345,9 @@ impl RouteContext<'_> {
 }
 
 /// A cluster by name: the endpoints of its host and subset, with the
-/// DestinationRule's policies for that port and subset.
-pub fn cluster(inputs: &Inputs, name: &str) -> Cluster {
+/// DestinationRule's policies for that port and subset. Endpoints with a
+/// sidecar carry its SPIFFE ID, for automatic mTLS.
+pub fn cluster(inputs: &Inputs, name: &str, mesh: &MeshSettings) -> Cluster {
     let mut c = Cluster {
         name: name.to_string(),
         ..Default::default()
@@ -368,6 +383,9 @@ pub fn cluster(inputs: &Inputs, name: &str) -> Cluster {
                     ),
                     namespace: Some(w.key.namespace.clone()),
                     locality: w.locality.clone(),
+                    identity: (w.labels.get(TLS_MODE_LABEL).map(String::as_str)
+                        == Some(TLS_MODE_MESH))
+                    .then(|| spiffe_id(mesh.trust_domain(), &w.key.namespace, &w.service_account)),
                 });
             }
         }
@@ -394,6 +412,9 @@ fn apply_policy(c: &mut Cluster, tp: Option<&TrafficPolicy>, port: u16) {
     if tp.outlier_detection.is_some() {
         c.outlier_detection = tp.outlier_detection.clone();
     }
+    if tp.tls.is_some() {
+        c.tls = tp.tls.clone();
+    }
     for pl in &tp.port_level_settings {
         if pl.port.is_some_and(|p| p.number == u32::from(port)) {
             if pl.load_balancer.is_some() {
@@ -404,6 +425,9 @@ fn apply_policy(c: &mut Cluster, tp: Option<&TrafficPolicy>, port: u16) {
             }
             if pl.outlier_detection.is_some() {
                 c.outlier_detection = pl.outlier_detection.clone();
+            }
+            if pl.tls.is_some() {
+                c.tls = pl.tls.clone();
             }
         }
     }
@@ -501,6 +525,7 @@ pub fn workload(inputs: &Inputs, node: &NodeInfo, mesh: &MeshSettings) -> Worklo
             }
         }
     }
+    (inbound.mtls, inbound.port_mtls) = peer_authentication(inputs, &node.namespace, labels);
     WorkloadResource {
         workload: model::Workload {
             name: node.workload.clone(),
@@ -515,7 +540,7 @@ pub fn workload(inputs: &Inputs, node: &NodeInfo, mesh: &MeshSettings) -> Worklo
                 .get("version")
                 .cloned()
                 .unwrap_or_else(|| "latest".into()),
-            trust_domain: mesh.trust_domain.clone(),
+            trust_domain: mesh.trust_domain().to_string(),
         },
         inbound,
         gateway_listeners: if node.gateway {
@@ -525,6 +550,64 @@ pub fn workload(inputs: &Inputs, node: &NodeInfo, mesh: &MeshSettings) -> Worklo
         },
         outbound_policy,
     }
+}
+
+/// The PeerAuthentication mode of a workload and its port-level modes: a
+/// policy selecting the workload, else its namespace's, else the mesh's
+/// (root namespace, no selector); an UNSET mode inherits from the next
+/// scope out. When several apply at one scope the first by name wins.
+fn peer_authentication(
+    inputs: &Inputs,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> (MtlsMode, BTreeMap<u16, MtlsMode>) {
+    let mut workload: Option<&PeerAuthentication> = None;
+    let mut ns_wide: Option<&PeerAuthentication> = None;
+    let mut mesh_wide: Option<&PeerAuthentication> = None;
+    for r in inputs.config_of(Kind::PeerAuthentication) {
+        let Resource::PeerAuthentication(pa) = &**r else {
+            continue;
+        };
+        let ns = pa.metadata.namespace.as_deref().unwrap_or("default");
+        let slot = match &pa.spec.selector {
+            Some(sel) if ns == namespace && sel.matches(labels) => &mut workload,
+            Some(_) => continue,
+            None if ns == namespace => &mut ns_wide,
+            None if ns == ROOT_NAMESPACE => &mut mesh_wide,
+            None => continue,
+        };
+        slot.get_or_insert(pa);
+    }
+    if namespace == ROOT_NAMESPACE {
+        mesh_wide = ns_wide;
+    }
+    let mode_of = |pa: Option<&PeerAuthentication>| {
+        pa.and_then(|p| p.spec.mtls.as_ref())
+            .map_or(MtlsMode::Unset, |m| m.mode)
+    };
+    let mode = [workload, ns_wide, mesh_wide]
+        .into_iter()
+        .map(mode_of)
+        .find(|m| *m != MtlsMode::Unset)
+        .unwrap_or(MtlsMode::Unset);
+    let ports = workload
+        .map(|pa| {
+            pa.spec
+                .port_level_mtls
+                .iter()
+                .filter_map(|(port, m)| {
+                    let port = u16::try_from(port.0).ok()?;
+                    let m = if m.mode == MtlsMode::Unset {
+                        mode
+                    } else {
+                        m.mode
+                    };
+                    Some((port, m))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (mode, ports)
 }
 
 /// The listeners of the Gateways that select a gateway proxy (or that it

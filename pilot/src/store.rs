@@ -279,7 +279,7 @@ impl Store {
             .map(|name| {
                 (
                     name.clone(),
-                    Built::new(&compile::cluster(&inputs, name), vec![]),
+                    Built::new(&compile::cluster(&inputs, name, &self.mesh), vec![]),
                 )
             })
             .collect();
@@ -327,7 +327,7 @@ impl Store {
         c.clusters.retain(|k, _| referenced.contains(k.as_str()));
         for name in referenced {
             if !c.clusters.contains_key(&*name) {
-                let b = Built::new(&compile::cluster(inputs, &name), vec![]);
+                let b = Built::new(&compile::cluster(inputs, &name, &self.mesh), vec![]);
                 c.clusters.insert(name.to_string(), Arc::new(b));
             }
         }

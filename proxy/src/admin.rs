@@ -77,11 +77,13 @@ pub async fn handle(
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if proxy.config.load().is_none() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no config yet\n")
+            } else if proxy.tls.enabled() && proxy.tls.certs.current().is_none() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no workload certificate\n")
             } else {
                 text(StatusCode::OK, "ready\n")
             }
         }
-        (Port::Admin, &Method::GET, "/certs") => match proxy.certs.current() {
+        (Port::Admin, &Method::GET, "/certs") => match proxy.tls.certs.current() {
             Some(id) => json(serde_json::to_string_pretty(&*id).unwrap_or_default()),
             None => text(StatusCode::SERVICE_UNAVAILABLE, "no certificate\n"),
         },

@@ -13,11 +13,13 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use mesh_api::model::{self, Protocol};
-use mesh_api::networking::{ConsistentHashLb, OutlierDetection, SimpleLb};
+use mesh_api::networking::{ClientTlsMode, ConsistentHashLb, OutlierDetection, SimpleLb};
+use rustls::pki_types::ServerName;
 use tokio::sync::Notify;
 
 use crate::hashring::{DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MIN_RING_SIZE, Maglev, RingHash};
 use crate::pool::EndpointPool;
+use crate::tls::{Origination, Upstream};
 
 /// What a cluster has learnt, kept across config changes.
 #[derive(Default)]
@@ -34,6 +36,9 @@ pub struct ClusterState {
 /// One endpoint and what the proxy knows of it.
 pub struct EndpointState {
     pub addr: SocketAddr,
+    /// Plaintext, mesh mTLS or TLS origination. Part of the registry key:
+    /// when it changes, pooled connections are not reused.
+    pub tls: Upstream,
     /// In-flight requests, for least-request balancing.
     pub active: AtomicU32,
     outlier: Mutex<OutlierState>,
@@ -53,9 +58,10 @@ struct OutlierState {
 }
 
 impl EndpointState {
-    fn new(addr: SocketAddr) -> EndpointState {
+    fn new(addr: SocketAddr, tls: Upstream) -> EndpointState {
         EndpointState {
             addr,
+            tls,
             active: AtomicU32::new(0),
             outlier: Mutex::new(OutlierState::default()),
             pool: EndpointPool::default(),
@@ -68,7 +74,8 @@ impl EndpointState {
     }
 }
 
-type EndpointKey = (Arc<str>, SocketAddr);
+/// Cluster, address and a fingerprint of the TLS settings.
+type EndpointKey = (Arc<str>, SocketAddr, u64);
 
 /// Registry of learnt state, weakly held: state disappears with the last
 /// cluster that uses it.
@@ -89,13 +96,19 @@ impl Registry {
         s
     }
 
-    fn endpoint(&self, cluster: &Arc<str>, addr: SocketAddr) -> Arc<EndpointState> {
+    fn endpoint(
+        &self,
+        cluster: &Arc<str>,
+        addr: SocketAddr,
+        tls: Upstream,
+        tls_key: u64,
+    ) -> Arc<EndpointState> {
         let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (cluster.clone(), addr);
+        let key = (cluster.clone(), addr, tls_key);
         if let Some(s) = map.get(&key).and_then(Weak::upgrade) {
             return s;
         }
-        let s = Arc::new(EndpointState::new(addr));
+        let s = Arc::new(EndpointState::new(addr, tls));
         map.insert(key, Arc::downgrade(&s));
         s
     }
@@ -241,10 +254,52 @@ pub enum Outcome {
 impl Cluster {
     pub fn build(c: &model::Cluster, registry: &Registry) -> Result<Cluster, String> {
         let name: Arc<str> = c.name.as_str().into();
+        let originate = match &c.tls {
+            Some(t) if matches!(t.mode, ClientTlsMode::Simple | ClientTlsMode::Mutual) => {
+                Some(match Origination::new(t, &c.service) {
+                    Ok(o) => Upstream::Originate(Arc::new(o)),
+                    Err(e) => {
+                        tracing::error!(cluster = %c.name, error = %e, "TLS origination unusable; its connections will fail");
+                        Upstream::Broken(format!("cluster {}: tls: {e}", c.name).into())
+                    }
+                })
+            }
+            _ => None,
+        };
+        let sni = || {
+            ServerName::try_from(c.service.clone())
+                .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("a DNS name"))
+        };
         let endpoints: Vec<_> = c
             .endpoints
             .iter()
-            .map(|e| registry.endpoint(&name, e.address))
+            .map(|e| {
+                let tls = match (&c.tls, &originate) {
+                    (_, Some(o)) => o.clone(),
+                    (Some(t), None) if t.mode == ClientTlsMode::Disable => Upstream::Plain,
+                    (Some(t), None) => Upstream::Mesh {
+                        sni: sni(),
+                        expect: if t.subject_alt_names.is_empty() {
+                            e.identity.iter().map(|i| i.as_str().into()).collect()
+                        } else {
+                            t.subject_alt_names
+                                .iter()
+                                .map(|n| n.as_str().into())
+                                .collect()
+                        },
+                    },
+                    (None, None) => match &e.identity {
+                        Some(id) => Upstream::Mesh {
+                            sni: sni(),
+                            expect: Arc::new([id.as_str().into()]),
+                        },
+                        None => Upstream::Plain,
+                    },
+                };
+                let key =
+                    crate::hashring::xxh64(format!("{:?}|{:?}", c.tls, e.identity).as_bytes(), 0);
+                registry.endpoint(&name, e.address, tls, key)
+            })
             .collect();
         let endpoint_meta = c
             .endpoints
@@ -315,7 +370,7 @@ impl Cluster {
         let name: Arc<str> = format!("PassthroughCluster|{addr}").into();
         Cluster {
             state: registry.cluster(&name),
-            endpoints: vec![registry.endpoint(&name, addr)],
+            endpoints: vec![registry.endpoint(&name, addr, Upstream::Plain, 0)],
             endpoint_meta: vec![EndpointMeta::default()],
             weights: vec![1],
             name,

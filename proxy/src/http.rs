@@ -194,6 +194,10 @@ pub async fn serve(
     let Some(snap) = proxy.config.load() else {
         return Ok(generated(Reason::NoConfig));
     };
+    let mut req = req;
+    if !matches!(conn.entry, Entry::Outbound(_)) {
+        client_cert_header(&snap, &conn, req.headers_mut());
+    }
     let start = Instant::now();
     let mut resp = handle(&proxy, &snap, &conn, req, start, true).await;
     if proxy.draining.load(Ordering::Relaxed) && resp.version() != Version::HTTP_2 {
@@ -201,6 +205,20 @@ pub async fn serve(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(resp)
+}
+
+/// `x-forwarded-client-cert` (Envoy's format) from the verified mTLS peer:
+/// `By=<this workload>;URI=<the client>`. What a client sent in it is
+/// dropped: only the sidecar vouches for an identity.
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+fn client_cert_header(snap: &Snapshot, conn: &ConnInfo, headers: &mut http::HeaderMap) {
+    headers.remove(XFCC);
+    if let (Some(peer), Entry::Inbound(_)) = (&conn.peer_identity, conn.entry)
+        && let Ok(v) = HeaderValue::from_str(&format!("By={};URI={peer}", snap.workload.principal))
+    {
+        headers.insert(XFCC, v);
+    }
 }
 
 /// On a destination miss with pilot configured: asks pilot for it (once per
@@ -842,7 +860,7 @@ async fn forward(
     if let Some(body) = &out.replay {
         for (mcluster, frac) in mirrors {
             if hit(*frac) {
-                mirror(mcluster.clone(), &out, body.clone());
+                mirror(proxy.tls.clone(), mcluster.clone(), &out, body.clone());
             }
         }
     }
@@ -893,7 +911,10 @@ async fn forward(
                     idx.and_then(|i| cluster.endpoint_meta.get(i))
                         .map_or_else(Peer::unknown, Peer::from_endpoint),
                 ),
-                Reporter::Destination => (Peer::unknown(), Peer::from_workload(&snap.workload)),
+                Reporter::Destination => (
+                    Peer::from_identity(conn.peer_identity.as_ref()),
+                    Peer::from_workload(&snap.workload),
+                ),
             };
             RequestLabels {
                 reporter,
@@ -966,7 +987,7 @@ async fn forward(
             (Some(p), None) => Some(now + p),
             (None, d) => d,
         };
-        let result = send(&cluster, idx, h2, &mut out, try_deadline).await;
+        let result = send(&proxy.tls, &cluster, idx, h2, &mut out, try_deadline).await;
         let failure = match result {
             Ok((mut resp, pooled)) => {
                 let status = resp.status().as_u16();
@@ -1089,6 +1110,7 @@ async fn backoff(retry: &crate::state::RetryPolicy, attempt: u32, deadline: Opti
 }
 
 async fn send(
+    mesh: &crate::tls::MeshTls,
     cluster: &Cluster,
     idx: usize,
     h2: bool,
@@ -1099,7 +1121,7 @@ async fn send(
     // Waiting for a pooled connection is bounded even without a deadline.
     let pool_deadline = deadline.unwrap_or_else(|| Instant::now() + cluster.limits.connect_timeout);
     let attempt = async {
-        let conn = pool::checkout(cluster, idx, h2, pool_deadline).await?;
+        let conn = pool::checkout(mesh, cluster, idx, h2, pool_deadline).await?;
         let req = out.build(h2, endpoint);
         match conn {
             Conn::H1(mut c) => {
@@ -1132,7 +1154,7 @@ fn classify(e: hyper::Error) -> Reason {
     Reason::UpstreamReset
 }
 
-fn mirror(cluster: Arc<Cluster>, out: &Outgoing, body: Bytes) {
+fn mirror(mesh: Arc<crate::tls::MeshTls>, cluster: Arc<Cluster>, out: &Outgoing, body: Bytes) {
     let mut headers = out.headers.clone();
     // Istio/Envoy mark mirrored traffic with a "-shadow" host suffix.
     if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
@@ -1164,7 +1186,7 @@ fn mirror(cluster: Arc<Cluster>, out: &Outgoing, body: Bytes) {
             cluster.protocol,
             mesh_api::model::Protocol::Http2 | mesh_api::model::Protocol::Grpc
         );
-        if let Ok((resp, pooled)) = send(&cluster, idx, h2, &mut copy, deadline).await {
+        if let Ok((resp, pooled)) = send(&mesh, &cluster, idx, h2, &mut copy, deadline).await {
             // Read the body so the connection can be reused.
             if resp.into_body().collect().await.is_ok()
                 && let Some(c) = pooled

@@ -46,6 +46,9 @@ pub struct Identity {
     /// Unix seconds.
     pub not_before: u64,
     pub not_after: u64,
+    /// The same, ready for handshakes.
+    #[serde(skip)]
+    pub material: Arc<crate::tls::Material>,
 }
 
 impl Identity {
@@ -63,6 +66,10 @@ fn unix(t: SystemTime) -> u64 {
 #[derive(Default)]
 pub struct Certs {
     current: ArcSwapOption<Identity>,
+    /// Set once a CA is configured: from then on the proxy takes part in
+    /// mTLS, and has no identity (rather than none needed) without a
+    /// certificate.
+    enabled: std::sync::atomic::AtomicBool,
     /// How many certificates were obtained.
     pub issued: std::sync::atomic::AtomicU64,
     /// How many requests to the CA failed.
@@ -70,6 +77,15 @@ pub struct Certs {
 }
 
 impl Certs {
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn enable(&self) {
+        self.enabled
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// The certificate in force; `None` before the first one and after
     /// expiry.
     pub fn current(&self) -> Option<Arc<Identity>> {
@@ -99,7 +115,7 @@ pub async fn fetch(s: &Settings) -> Result<Identity, String> {
     let root = std::fs::read_to_string(&s.ca_root)
         .map_err(|e| format!("CA root {}: {e}", s.ca_root.display()))?;
     let mut tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(root));
+        .ca_certificate(tonic::transport::Certificate::from_pem(&root));
     if let Some(name) = &s.ca_name {
         tls = tls.domain_name(name.clone());
     }
@@ -157,14 +173,25 @@ pub async fn fetch(s: &Settings) -> Result<Identity, String> {
             "the CA's certificate names {sans:?}, not {spiffe_id}"
         ));
     }
+    // Peers are checked against the CA's roots and the mounted root file
+    // (the namespace's mesh-ca-root-cert): during a root rotation either
+    // may list the new root first.
+    let mut roots = resp.roots.clone();
+    if !roots.iter().any(|r| r.trim() == root.trim()) {
+        roots.push(root);
+    }
+    let key_pem = key.serialize_pem();
+    let material = crate::tls::Material::new(&resp.cert_chain, &key_pem, &roots)
+        .map_err(|e| format!("the CA's answer: {e}"))?;
     Ok(Identity {
+        material: Arc::new(material),
         spiffe_id,
         serial: cert.raw_serial_as_string(),
         not_before: cert.validity().not_before.timestamp().max(0) as u64,
         not_after: cert.validity().not_after.timestamp().max(0) as u64,
         cert_chain: resp.cert_chain,
-        key_pem: key.serialize_pem(),
-        roots: resp.roots,
+        key_pem,
+        roots,
     })
 }
 
@@ -173,6 +200,7 @@ pub async fn fetch(s: &Settings) -> Result<Identity, String> {
 /// validity (±10%), retrying
 /// with backoff while the CA is unreachable.
 pub async fn run(certs: Arc<Certs>, s: Settings) {
+    certs.enable();
     let mut backoff = Duration::from_millis(200);
     loop {
         match fetch(&s).await {

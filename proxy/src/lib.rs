@@ -23,6 +23,7 @@ pub mod routing;
 pub mod server;
 pub mod state;
 pub mod tcp;
+pub mod tls;
 pub mod xds;
 
 use std::net::{IpAddr, SocketAddr};
@@ -51,8 +52,9 @@ pub struct Proxy {
     pub xds: std::sync::OnceLock<Arc<xds::Client>>,
     /// The app's rewritten HTTP probes, served on the metrics port.
     pub app_probers: probes::Probers,
-    /// The workload certificate from the mesh's CA, when one is configured.
-    pub certs: Arc<identity::Certs>,
+    /// The workload certificate from the mesh's CA, when one is configured,
+    /// and the mTLS built on it.
+    pub tls: Arc<tls::MeshTls>,
 }
 
 impl Proxy {

@@ -348,7 +348,7 @@ fn main() -> ExitCode {
                 format!("https://{ca_addr}")
             };
             tokio::spawn(mesh_proxy::identity::run(
-                running.proxy.certs.clone(),
+                running.proxy.tls.certs.clone(),
                 mesh_proxy::identity::Settings {
                     ca_addr,
                     ca_root: args.ca_root.clone(),

@@ -65,6 +65,19 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// A caller known only by its verified mTLS identity: the principal
+    /// and the namespace it names.
+    pub fn from_identity(identity: Option<&Arc<str>>) -> Peer {
+        let mut p = Peer::unknown();
+        if let Some(id) = identity {
+            if let Some(ns) = id.split("/ns/").nth(1).and_then(|r| r.split('/').next()) {
+                p.namespace = ns.into();
+            }
+            p.principal = id.clone();
+        }
+        p
+    }
+
     pub fn unknown() -> Peer {
         static UNKNOWN: std::sync::LazyLock<Arc<str>> =
             std::sync::LazyLock::new(|| "unknown".into());
@@ -150,6 +163,9 @@ pub struct Metrics {
     pub downstream_connections: Gauge,
     /// 1 while the xDS stream to pilot is up.
     pub xds_connected: Gauge,
+    /// Inbound connections refused by mTLS: plaintext under STRICT, failed
+    /// handshakes, peers of another trust domain.
+    pub mtls_refused: Counter,
 }
 
 fn peer_labels(prefix: &'static str, p: &Peer, out: &mut Vec<Label>) {
@@ -262,6 +278,7 @@ impl Metrics {
             config_rejected: counter("mesh_proxy_config_rejected_total"),
             downstream_connections: gauge("mesh_proxy_downstream_connections"),
             xds_connected: gauge("mesh_proxy_xds_connected"),
+            mtls_refused: counter("mesh_proxy_mtls_refused_total"),
             recorder,
             handle,
             requests: Mutex::new(HashMap::new()),

@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use crate::body::Body;
 use crate::cluster::{Cluster, ClusterState, EndpointState};
 use crate::reason::Reason;
+use crate::tls::{Inner, Io, MeshTls};
 
 #[derive(Default)]
 pub struct EndpointPool {
@@ -75,6 +76,7 @@ impl H1Conn {
 /// Checks out a connection to endpoint `idx` of `cluster`, waiting until
 /// `deadline` for one to free up when the cluster is at its limit.
 pub async fn checkout(
+    mesh: &MeshTls,
     cluster: &Cluster,
     idx: usize,
     h2: bool,
@@ -82,7 +84,7 @@ pub async fn checkout(
 ) -> Result<Conn, Reason> {
     let ep = &cluster.endpoints[idx];
     if h2 {
-        return checkout_h2(cluster, ep, deadline).await;
+        return checkout_h2(mesh, cluster, ep, deadline).await;
     }
     let state = &cluster.state;
     let limits = &cluster.limits;
@@ -101,7 +103,7 @@ pub async fn checkout(
             break Ok(reuse(c));
         }
         if state.connections.fetch_add(1, Ordering::AcqRel) < limits.max_connections {
-            break connect_h1(cluster, ep, deadline).await.map(|sender| {
+            break connect_h1(mesh, cluster, ep, deadline).await.map(|sender| {
                 Conn::H1(H1Conn {
                     sender,
                     uses: 1,
@@ -163,20 +165,28 @@ fn close_idle_elsewhere(cluster: &Cluster, except: usize) -> bool {
     false
 }
 
-async fn connect(
+/// Connects to `ep` within the connect timeout (and the request's
+/// deadline), with TLS when the endpoint needs it.
+pub async fn connect(
+    mesh: &MeshTls,
     cluster: &Cluster,
     ep: &EndpointState,
+    inner: Inner,
     deadline: Instant,
-) -> Result<TcpStream, Reason> {
+) -> Result<Io, Reason> {
     let timeout = cluster
         .limits
         .connect_timeout
         .min(deadline.saturating_duration_since(Instant::now()));
-    match tokio::time::timeout(timeout, TcpStream::connect(ep.addr)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
+    let connect = async {
+        let s = TcpStream::connect(ep.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = s.set_nodelay(true);
+        ep.tls.wrap(mesh, s, inner).await
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(io)) => Ok(io),
         Ok(Err(e)) => {
             tracing::debug!(endpoint = %ep.addr, error = %e, "connect failed");
             Err(Reason::ConnectFailure)
@@ -188,6 +198,7 @@ async fn connect(
 /// Opens an HTTP/1 connection; `connections` was already counted and is
 /// released when the connection ends.
 async fn connect_h1(
+    mesh: &MeshTls,
     cluster: &Cluster,
     ep: &EndpointState,
     deadline: Instant,
@@ -197,7 +208,7 @@ async fn connect_h1(
         state.connections.fetch_sub(1, Ordering::AcqRel);
         state.conn_freed.notify_one();
     };
-    let stream = match connect(cluster, ep, deadline).await {
+    let stream = match connect(mesh, cluster, ep, Inner::Http1, deadline).await {
         Ok(s) => s,
         Err(r) => {
             release();
@@ -224,6 +235,7 @@ async fn connect_h1(
 }
 
 async fn checkout_h2(
+    mesh: &MeshTls,
     cluster: &Cluster,
     ep: &Arc<EndpointState>,
     deadline: Instant,
@@ -242,7 +254,7 @@ async fn checkout_h2(
         state.connections.fetch_sub(1, Ordering::AcqRel);
         return Err(Reason::CircuitOpen);
     }
-    let stream = match connect(cluster, ep, deadline).await {
+    let stream = match connect(mesh, cluster, ep, Inner::Http2, deadline).await {
         Ok(s) => s,
         Err(r) => {
             state.connections.fetch_sub(1, Ordering::AcqRel);

@@ -11,6 +11,8 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_api::model::Protocol;
+use mesh_api::security::MtlsMode;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -19,6 +21,7 @@ use crate::Proxy;
 use crate::detect::{Detected, detect};
 use crate::http::{ConnInfo, Entry};
 use crate::metrics::Reporter;
+use crate::tls::Inner;
 
 /// Largest request head accepted (larger: 431).
 pub const MAX_HEAD_BYTES: usize = 60 * 1024;
@@ -167,6 +170,12 @@ async fn handle_conn(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, kind: Kind)
         }
         Kind::Inbound => {
             let orig = original_dst(&stream);
+            let mode = snap.as_ref().map_or(MtlsMode::Permissive, |s| {
+                s.config.inbound.mtls_for(orig.port())
+            });
+            if mode != MtlsMode::Disable {
+                return inbound_mtls(ctx, stream, peer, orig, mode).await;
+            }
             let hint = snap
                 .as_ref()
                 .and_then(|s| s.inbound.get(&orig.port()).map(|p| p.protocol));
@@ -180,32 +189,115 @@ async fn handle_conn(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, kind: Kind)
             (Entry::Gateway(port), hint.unwrap_or(Protocol::Http))
         }
     };
+    let detected = if entry_skips_detection(entry, hint) {
+        Detected::Tcp
+    } else {
+        match hint {
+            Protocol::Http2 | Protocol::Grpc => Detected::Http2,
+            _ => detect(&stream, ctx.settings.detect_timeout).await,
+        }
+    };
+    serve_detected(ctx, stream, entry, peer, hint, detected).await
+}
+
+/// Declared TCP and TLS ports, and the well-known server-first ports of
+/// undeclared protocol, are forwarded without waiting for bytes.
+fn entry_skips_detection(entry: Entry, hint: Protocol) -> bool {
     let port = match entry {
         Entry::Outbound(a) | Entry::Inbound(a) => a.port(),
         _ => 0,
     };
-    let detected = match hint {
-        Protocol::Tcp | Protocol::Tls => Detected::Tcp,
-        _ if port != 0 && Protocol::server_first_port(port) && hint == Protocol::Auto => {
-            Detected::Tcp
-        }
-        Protocol::Http2 | Protocol::Grpc => Detected::Http2,
+    matches!(hint, Protocol::Tcp | Protocol::Tls)
+        || (hint == Protocol::Auto && port != 0 && Protocol::server_first_port(port))
+}
+
+async fn serve_detected(
+    ctx: &Ctx,
+    stream: TcpStream,
+    entry: Entry,
+    peer: SocketAddr,
+    hint: Protocol,
+    detected: Detected,
+) {
+    let detected = match (hint, detected) {
+        (Protocol::Http2 | Protocol::Grpc, _) => Detected::Http2,
         // A declared HTTP port is HTTP whatever arrives: garbage gets 400.
-        Protocol::Http => match detect(&stream, ctx.settings.detect_timeout).await {
-            Detected::Http2 => Detected::Http2,
-            _ => Detected::Http1,
-        },
-        Protocol::Auto => detect(&stream, ctx.settings.detect_timeout).await,
+        (Protocol::Http, Detected::Http2) => Detected::Http2,
+        (Protocol::Http, _) => Detected::Http1,
+        (Protocol::Tcp | Protocol::Tls, _) => Detected::Tcp,
+        (Protocol::Auto, d) => d,
     };
     match detected {
         Detected::Http1 | Detected::Http2 => {
-            serve_http(ctx, stream, entry, peer, detected == Detected::Http2).await
+            serve_http(ctx, stream, entry, peer, detected == Detected::Http2, None).await
         }
-        Detected::Tcp | Detected::Tls => serve_tcp(ctx, stream, peer, entry).await,
+        Detected::Tcp | Detected::Tls => serve_tcp(ctx, stream, peer, entry, None).await,
     }
 }
 
-async fn serve_tcp(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, entry: Entry) {
+/// Inbound with PeerAuthentication STRICT or PERMISSIVE: mesh mTLS (TLS
+/// whose ClientHello offers a mesh ALPN protocol) is terminated and its
+/// inner protocol served with the client's verified identity. Anything
+/// else is refused under STRICT, and handled as plaintext under
+/// PERMISSIVE (an app's own TLS passes through untouched).
+async fn inbound_mtls(
+    ctx: &Ctx,
+    stream: TcpStream,
+    peer: SocketAddr,
+    orig: SocketAddr,
+    mode: MtlsMode,
+) {
+    let proxy = &ctx.proxy;
+    let entry = Entry::Inbound(orig);
+    let first = detect(&stream, ctx.settings.detect_timeout).await;
+    let mesh = first == Detected::Tls
+        && crate::tls::offers_mesh(&stream, ctx.settings.header_read_timeout).await == Some(true);
+    if mesh {
+        let accepted =
+            tokio::time::timeout(ctx.settings.header_read_timeout, proxy.tls.accept(stream)).await;
+        let (tls, inner, identity) = match accepted {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                proxy.metrics.mtls_refused.increment(1);
+                tracing::info!(%peer, error = %e, "mTLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                proxy.metrics.mtls_refused.increment(1);
+                tracing::info!(%peer, "mTLS handshake timed out");
+                return;
+            }
+        };
+        match inner {
+            Inner::Http1 | Inner::Http2 => {
+                serve_http(ctx, tls, entry, peer, inner == Inner::Http2, Some(identity)).await
+            }
+            Inner::Tcp => serve_tcp(ctx, tls, peer, entry, Some(identity)).await,
+        }
+        return;
+    }
+    if mode == MtlsMode::Strict {
+        proxy.metrics.mtls_refused.increment(1);
+        tracing::info!(%peer, port = orig.port(), "plaintext refused: mTLS is STRICT");
+        return;
+    }
+    let hint = proxy
+        .config
+        .load()
+        .and_then(|s| s.inbound.get(&orig.port()).map(|p| p.protocol))
+        .unwrap_or(Protocol::Auto);
+    serve_detected(ctx, stream, entry, peer, hint, first).await
+}
+
+async fn serve_tcp<S>(
+    ctx: &Ctx,
+    stream: S,
+    peer: SocketAddr,
+    entry: Entry,
+    identity: Option<Arc<str>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let Some(snap) = ctx.proxy.config.load() else {
         return;
     };
@@ -247,7 +339,7 @@ async fn serve_tcp(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, entry: Entry)
     };
     // TCP has no graceful close: a drain waits for these connections up to
     // its deadline, then the process exits.
-    crate::tcp::forward(proxy, &snap, stream, peer, cluster, reporter).await;
+    crate::tcp::forward(proxy, &snap, stream, peer, cluster, reporter, identity).await;
 }
 
 /// Serves a hyper connection until it ends, or until shutdown, when it is
@@ -265,13 +357,22 @@ macro_rules! serve_until_shutdown {
     }};
 }
 
-async fn serve_http(ctx: &Ctx, stream: TcpStream, entry: Entry, peer: SocketAddr, h2: bool) {
+async fn serve_http<S>(
+    ctx: &Ctx,
+    stream: S,
+    entry: Entry,
+    peer: SocketAddr,
+    h2: bool,
+    peer_identity: Option<Arc<str>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let framing = (!h2).then(|| Arc::new(crate::framing::Verdicts::default()));
     let info = Arc::new(ConnInfo {
         entry,
         peer,
         framing: framing.clone(),
-        peer_identity: None,
+        peer_identity,
     });
     let proxy = ctx.proxy.clone();
     let svc = service_fn(move |req| crate::http::serve(proxy.clone(), info.clone(), req));

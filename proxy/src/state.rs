@@ -714,6 +714,7 @@ pub fn compile(
                     workload: Some(cfg.workload.name.clone()),
                     namespace: Some(cfg.workload.namespace.clone()),
                     locality: None,
+                    identity: None,
                 }],
                 protocol: p.protocol,
                 connection_pool: inbound_limits_model.clone(),

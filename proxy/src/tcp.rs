@@ -6,12 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-
 use crate::Proxy;
 use crate::body::Body;
 use crate::cluster::{Cluster, Outcome};
@@ -19,6 +13,11 @@ use crate::http::ConnInfo;
 use crate::metrics::{Peer, Reporter, TcpLabels};
 use crate::reason::{REASON_HEADER, Reason};
 use crate::state::{Snapshot, split_authority};
+use crate::tls::Inner;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Picks a cluster from weighted TCP routes for `port`.
 pub fn pick_tcp(routes: &crate::state::TcpRoutes, port: u16) -> Option<Arc<Cluster>> {
@@ -44,13 +43,17 @@ pub async fn forward<S>(
     peer: SocketAddr,
     cluster: Arc<Cluster>,
     reporter: Reporter,
+    peer_identity: Option<Arc<str>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let hash = Some(crate::hashring::xxh64(peer.ip().to_string().as_bytes(), 0));
     let (source, destination) = match reporter {
         Reporter::Source => (Peer::from_workload(&snap.workload), Peer::unknown()),
-        Reporter::Destination => (Peer::unknown(), Peer::from_workload(&snap.workload)),
+        Reporter::Destination => (
+            Peer::from_identity(peer_identity.as_ref()),
+            Peer::from_workload(&snap.workload),
+        ),
     };
     let mut labels = TcpLabels {
         reporter,
@@ -58,7 +61,7 @@ pub async fn forward<S>(
         destination,
         destination_service: cluster.service.clone(),
         response_flags: "-",
-        mtls: false,
+        mtls: peer_identity.is_some(),
     };
     let mut tried = Vec::new();
     // One retry on connect failure, to another endpoint when there is one.
@@ -86,18 +89,18 @@ pub async fn forward<S>(
             h.closed.increment(1);
             return;
         }
-        let addr = cluster.endpoints[idx].addr;
-        let connect =
-            tokio::time::timeout(cluster.limits.connect_timeout, TcpStream::connect(addr)).await;
-        let mut upstream = match connect {
-            Ok(Ok(s)) => s,
-            _ => {
-                state.connections.fetch_sub(1, Ordering::AcqRel);
-                cluster.record(idx, Outcome::LocalFailure, Instant::now());
-                continue;
-            }
-        };
-        let _ = upstream.set_nodelay(true);
+        let deadline = Instant::now() + cluster.limits.connect_timeout;
+        let ep = &cluster.endpoints[idx];
+        let mut upstream =
+            match crate::pool::connect(&proxy.tls, &cluster, ep, Inner::Tcp, deadline).await {
+                Ok(s) => s,
+                Err(_) => {
+                    state.connections.fetch_sub(1, Ordering::AcqRel);
+                    cluster.record(idx, Outcome::LocalFailure, Instant::now());
+                    continue;
+                }
+            };
+        labels.mtls |= matches!(upstream, crate::tls::Io::Tls(_));
         let h = proxy.metrics.tcp(&labels);
         h.opened.increment(1);
         let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
@@ -171,6 +174,7 @@ pub async fn connect_tunnel(
                 peer,
                 cluster,
                 Reporter::Source,
+                None,
             )
             .await;
         }

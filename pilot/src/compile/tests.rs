@@ -136,7 +136,11 @@ spec:
 #[test]
 fn clusters_hold_their_subset_endpoints_and_merged_policies() {
     let i = inputs(REVIEWS);
-    let all = cluster(&i, "outbound|9080||reviews.shop.svc.cluster.local");
+    let all = cluster(
+        &i,
+        "outbound|9080||reviews.shop.svc.cluster.local",
+        &MeshSettings::default(),
+    );
     let addrs: Vec<String> = all
         .endpoints
         .iter()
@@ -147,7 +151,11 @@ fn clusters_hold_their_subset_endpoints_and_merged_policies() {
     // Port-level settings win over the top level…
     let lb = |c: &Cluster| format!("{:?}", c.load_balancer.as_ref().and_then(|l| l.simple));
     assert_eq!(lb(&all), "Some(LeastRequest)");
-    let v2 = cluster(&i, "outbound|9080|v2|reviews.shop.svc.cluster.local");
+    let v2 = cluster(
+        &i,
+        "outbound|9080|v2|reviews.shop.svc.cluster.local",
+        &MeshSettings::default(),
+    );
     assert_eq!(v2.endpoints.len(), 1);
     assert_eq!(v2.endpoints[0].address.to_string(), "10.1.0.2:19081");
     assert_eq!(v2.endpoints[0].workload.as_deref(), Some("reviews"));
@@ -155,14 +163,22 @@ fn clusters_hold_their_subset_endpoints_and_merged_policies() {
     assert_eq!(lb(&v2), "Some(Random)");
     // Unknown subsets and hosts are empty clusters, not errors.
     assert!(
-        cluster(&i, "outbound|9080|v9|reviews.shop.svc.cluster.local")
-            .endpoints
-            .is_empty()
+        cluster(
+            &i,
+            "outbound|9080|v9|reviews.shop.svc.cluster.local",
+            &MeshSettings::default()
+        )
+        .endpoints
+        .is_empty()
     );
     assert!(
-        cluster(&i, "outbound|80||nowhere.example.com")
-            .endpoints
-            .is_empty()
+        cluster(
+            &i,
+            "outbound|80||nowhere.example.com",
+            &MeshSettings::default()
+        )
+        .endpoints
+        .is_empty()
     );
 }
 
@@ -254,4 +270,105 @@ spec:
             .gateway_listeners
             .is_empty()
     );
+}
+
+#[test]
+fn endpoints_with_a_sidecar_carry_its_identity_and_tls_policy_follows_the_rule() {
+    let i = inputs(&format!(
+        "{REVIEWS}---\n{}",
+        r#"apiVersion: networking.mesh.dev/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v3, namespace: shop}
+spec:
+  address: 10.1.0.3
+  ports: {web: 19082}
+  labels: {app: reviews, version: v3, security.mesh.dev/tlsMode: mesh}
+  serviceAccount: bookinfo-reviews
+---
+apiVersion: networking.mesh.dev/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: shop}
+spec:
+  host: ratings
+  trafficPolicy:
+    tls: {mode: ISTIO_MUTUAL}
+    portLevelSettings:
+    - port: {number: 8443}
+      tls: {mode: SIMPLE, sni: ratings.example.com}
+"#
+    ));
+    let mesh = MeshSettings {
+        trust_domain: "corp.example".into(),
+        ..Default::default()
+    };
+    let c = cluster(&i, "outbound|9080||reviews.shop.svc.cluster.local", &mesh);
+    let ids: Vec<_> = c.endpoints.iter().map(|e| e.identity.as_deref()).collect();
+    assert_eq!(
+        ids,
+        vec![
+            None,
+            None,
+            Some("spiffe://corp.example/ns/shop/sa/bookinfo-reviews")
+        ]
+    );
+    assert_eq!(c.tls, None, "automatic mTLS: no DestinationRule tls");
+    let mode = |port: u16| {
+        cluster(
+            &i,
+            &cluster_name(port, "", "ratings.shop.svc.cluster.local"),
+            &mesh,
+        )
+        .tls
+        .map(|t| t.mode)
+    };
+    use mesh_api::networking::ClientTlsMode;
+    assert_eq!(mode(9080), Some(ClientTlsMode::IstioMutual));
+    assert_eq!(mode(8443), Some(ClientTlsMode::Simple));
+}
+
+#[test]
+fn peer_authentication_goes_from_workload_to_namespace_to_mesh() {
+    let pa = |ns: &str, name: &str, spec: &str| {
+        format!(
+            "apiVersion: security.mesh.dev/v1\nkind: PeerAuthentication\n\
+             metadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n---\n"
+        )
+    };
+    let node = |ns: &str, app: &str| NodeInfo {
+        workload: format!("{app}-1"),
+        namespace: ns.into(),
+        labels: [("app".to_string(), app.to_string())].into(),
+        service_account: app.into(),
+        ..Default::default()
+    };
+    let mode = |yaml: &str, ns: &str, app: &str| {
+        let w = workload(&inputs(yaml), &node(ns, app), &MeshSettings::default());
+        (w.inbound.mtls, w.inbound.port_mtls)
+    };
+    let none = BTreeMap::new();
+    // Nothing: unset (the proxy takes PERMISSIVE).
+    assert_eq!(mode("", "shop", "reviews"), (MtlsMode::Unset, none.clone()));
+    assert_eq!(model::Inbound::default().mtls_for(80), MtlsMode::Permissive);
+    let mesh_strict = pa("mesh-system", "default", "{mtls: {mode: STRICT}}");
+    assert_eq!(mode(&mesh_strict, "shop", "reviews").0, MtlsMode::Strict);
+    // A namespace overrides the mesh; a policy for the workload overrides
+    // both, and an UNSET mode inherits.
+    let ns_permissive = pa("shop", "default", "{mtls: {mode: PERMISSIVE}}");
+    let yaml = format!("{mesh_strict}{ns_permissive}");
+    assert_eq!(mode(&yaml, "shop", "reviews").0, MtlsMode::Permissive);
+    assert_eq!(mode(&yaml, "other", "reviews").0, MtlsMode::Strict);
+    let wl = pa(
+        "shop",
+        "reviews",
+        "{selector: {matchLabels: {app: reviews}}, mtls: {mode: UNSET}, portLevelMtls: {8080: {mode: DISABLE}, 9090: {mode: UNSET}}}",
+    );
+    let yaml = format!("{mesh_strict}{ns_permissive}{wl}");
+    let (m, ports) = mode(&yaml, "shop", "reviews");
+    assert_eq!(m, MtlsMode::Permissive);
+    assert_eq!(
+        ports,
+        BTreeMap::from([(8080, MtlsMode::Disable), (9090, MtlsMode::Permissive)])
+    );
+    // Another app in the namespace is not selected.
+    assert_eq!(mode(&yaml, "shop", "ratings"), (MtlsMode::Permissive, none));
 }
