@@ -414,9 +414,7 @@ impl LocalMesh {
                 .map(|(_, v)| v.to_string())
                 .unwrap_or_else(|| name.to_string()),
         };
-        let account = sample_template(name)
-            .and_then(|t| t["spec"]["serviceAccountName"].as_str().map(str::to_string))
-            .unwrap_or(account);
+        let account = sample_account(name).unwrap_or(account);
         cmd.args(["--mode", mode])
             .args(["--service-account", &account])
             .args(["--ca-addr", &format!("https://{}", self.ca_addr)])
@@ -600,9 +598,14 @@ fn pilot_ca_args(pki: &Path, addr: SocketAddr) -> Vec<String> {
 /// A workload's service account: its sample Deployment's, else its
 /// service's name.
 fn service_account(w: &Workload) -> String {
-    sample_template(&w.name)
-        .and_then(|t| t["spec"]["serviceAccountName"].as_str().map(str::to_string))
-        .unwrap_or_else(|| w.service.to_string())
+    sample_account(&w.name).unwrap_or_else(|| w.service.to_string())
+}
+
+/// The service account of the bookinfo sample's Deployment `name`.
+fn sample_account(name: &str) -> Option<String> {
+    sample_template(name)?["spec"]["serviceAccountName"]
+        .as_str()
+        .map(str::to_string)
 }
 
 async fn requests(

@@ -460,7 +460,21 @@ async fn clients_outside_the_mesh_are_refused() {
     // Same root, but a CA for another trust domain.
     let other_domain = Ca::load_or_create(&mesh.dir.join("ca"), "evil.example", hour).unwrap();
     let expired = issue(&mesh.ca, "default", "productpage", Duration::from_secs(1));
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let not_after = {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(expired.0[0].as_bytes()).unwrap();
+        pem.parse_x509().unwrap().validity().not_after.timestamp()
+    };
+    let past = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            > not_after
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async { past() }).await,
+        "the one-second certificate expires"
+    );
     let cases = [
         ("no certificate", None),
         (

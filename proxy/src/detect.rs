@@ -50,22 +50,33 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
 /// Peeks at the first bytes for up to `timeout`; a client that sends
 /// nothing (a server-first protocol) is TCP.
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
-    let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 24];
+    peek_until(stream, timeout, &mut buf, classify)
+        .await
+        .unwrap_or(Detected::Tcp)
+}
+
+/// Peeks (consuming nothing) until `decide` has an answer for what has
+/// arrived, the buffer is full, the peer closes or `timeout` passes
+/// (`None` for the last two; a full buffer gets one last `decide`).
+pub async fn peek_until<T>(
+    stream: &TcpStream,
+    timeout: Duration,
+    buf: &mut [u8],
+    mut decide: impl FnMut(&[u8]) -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
     loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(_)) | Err(_) => return Detected::Tcp,
+        let n = match tokio::time::timeout_at(deadline, stream.peek(buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
         };
-        if n == 0 {
-            return Detected::Tcp;
-        }
-        if let Some(d) = classify(&buf[..n]) {
-            return d;
+        if let Some(d) = decide(&buf[..n]) {
+            return Some(d);
         }
         // Partial first bytes: wait briefly for the rest.
-        if Instant::now() >= deadline {
-            return Detected::Tcp;
+        if n == buf.len() || Instant::now() >= deadline {
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

@@ -173,13 +173,14 @@ async fn handle_conn(ctx: &Ctx, stream: TcpStream, peer: SocketAddr, kind: Kind)
             let mode = snap.as_ref().map_or(MtlsMode::Permissive, |s| {
                 s.config.inbound.mtls_for(orig.port())
             });
-            if mode != MtlsMode::Disable {
-                return inbound_mtls(ctx, stream, peer, orig, mode).await;
-            }
             let hint = snap
                 .as_ref()
-                .and_then(|s| s.inbound.get(&orig.port()).map(|p| p.protocol));
-            (Entry::Inbound(orig), hint.unwrap_or(Protocol::Auto))
+                .and_then(|s| s.inbound.get(&orig.port()).map(|p| p.protocol))
+                .unwrap_or(Protocol::Auto);
+            if mode != MtlsMode::Disable {
+                return inbound_mtls(ctx, stream, peer, orig, mode, hint).await;
+            }
+            (Entry::Inbound(orig), hint)
         }
         Kind::Explicit => (Entry::Explicit, Protocol::Http),
         Kind::Gateway(port) => {
@@ -246,6 +247,7 @@ async fn inbound_mtls(
     peer: SocketAddr,
     orig: SocketAddr,
     mode: MtlsMode,
+    hint: Protocol,
 ) {
     let proxy = &ctx.proxy;
     let entry = Entry::Inbound(orig);
@@ -281,11 +283,6 @@ async fn inbound_mtls(
         tracing::info!(%peer, port = orig.port(), "plaintext refused: mTLS is STRICT");
         return;
     }
-    let hint = proxy
-        .config
-        .load()
-        .and_then(|s| s.inbound.get(&orig.port()).map(|p| p.protocol))
-        .unwrap_or(Protocol::Auto);
     serve_detected(ctx, stream, entry, peer, hint, first).await
 }
 

@@ -35,7 +35,6 @@ use rustls::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use crate::identity::Certs;
 
@@ -402,40 +401,30 @@ impl MeshTls {
 /// is another TLS client's (an app's own TLS). `None`: not a complete
 /// ClientHello within `timeout`.
 pub async fn offers_mesh(stream: &TcpStream, timeout: Duration) -> Option<bool> {
-    const MAX_HELLO: usize = 16 * 1024 + 5;
-    let deadline = Instant::now() + timeout;
-    let mut buf = vec![0u8; MAX_HELLO];
-    loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return None,
-        };
+    let mut buf = vec![0u8; 16 * 1024 + 5];
+    crate::detect::peek_until(stream, timeout, &mut buf, |bytes| {
         let mut acceptor = Acceptor::default();
-        let mut rd = Cursor::new(&buf[..n]);
-        while (rd.position() as usize) < n {
+        let mut rd = Cursor::new(bytes);
+        while (rd.position() as usize) < bytes.len() {
             match acceptor.read_tls(&mut rd) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
         }
         match acceptor.accept() {
-            Ok(Some(accepted)) => {
-                let hello = accepted.client_hello();
-                return Some(
-                    hello
-                        .alpn()
-                        .is_some_and(|mut protos| protos.any(|p| Inner::from_alpn(p).is_some())),
-                );
-            }
-            Ok(None) if n < MAX_HELLO => {
-                if Instant::now() >= deadline {
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            _ => return Some(false),
+            Ok(Some(accepted)) => Some(
+                accepted
+                    .client_hello()
+                    .alpn()
+                    .is_some_and(|mut protos| protos.any(|p| Inner::from_alpn(p).is_some())),
+            ),
+            // More bytes needed.
+            Ok(None) => None,
+            // Not a ClientHello rustls can read: not the mesh's.
+            Err(_) => Some(false),
         }
-    }
+    })
+    .await
 }
 
 /// TLS to a DestinationRule's SIMPLE or MUTUAL upstream: configs by inner
