@@ -19,7 +19,7 @@ use crate::networking::{
     HttpMatchRequest, HttpRedirect, HttpRetry, HttpRewrite, LoadBalancerSettings, OutlierDetection,
     Percent, RateLimitPolicySpec,
 };
-use crate::security::MtlsMode;
+use crate::security::{AuthorizationAction, JwtRule, MtlsMode, Rule};
 
 /// Everything one proxy runs.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -308,6 +308,27 @@ pub struct Inbound {
     /// Port-level modes (by the workload's port), overriding `mtls`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub port_mtls: BTreeMap<u16, MtlsMode>,
+    /// The AuthorizationPolicies that apply to the workload (mesh-wide,
+    /// its namespace's and those selecting it), in name order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization: Vec<AuthorizationRules>,
+    /// The JWT rules of the RequestAuthentications that apply to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+/// One AuthorizationPolicy as the proxy enforces it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationRules {
+    /// `namespace/name`, for metrics and logs.
+    pub name: String,
+    #[serde(default)]
+    pub action: AuthorizationAction,
+    /// OR-ed; with none the policy matches no request (so an ALLOW
+    /// policy without rules denies everything, as in Istio).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<Rule>,
 }
 
 fn is_unset(m: &MtlsMode) -> bool {

@@ -22,7 +22,8 @@ use crate::networking::{
 };
 use crate::resource::{ROOT_NAMESPACE, Resource, ResourceKey};
 use crate::security::{
-    AuthorizationAction, AuthorizationPolicySpec, PeerAuthenticationSpec, RequestAuthenticationSpec,
+    AuthorizationAction, AuthorizationPolicySpec, PeerAuthenticationSpec, PolicyTargetReference,
+    RequestAuthenticationSpec,
 };
 use crate::selector::WorkloadSelector;
 
@@ -1668,9 +1669,12 @@ fn principal_like(c: &mut Checker, path: String, v: &str) {
 }
 
 fn authorization_policy(c: &mut Checker, s: &AuthorizationPolicySpec) {
-    if s.selector.is_some() && (s.target_ref.is_some() || !s.target_refs.is_empty()) {
-        c.err("spec", "only one of selector or targetRef(s) may be set");
-    }
+    policy_targets(
+        c,
+        s.selector.is_some(),
+        s.target_ref.as_ref(),
+        &s.target_refs,
+    );
     if let Some(sel) = &s.selector {
         c.selector("spec.selector", sel);
     }
@@ -1806,6 +1810,18 @@ fn authorization_policy(c: &mut Checker, s: &AuthorizationPolicySpec) {
     }
 }
 
+/// The claim names of `request.auth.claims[a][b]…`: `["a", "b"]`.
+pub fn claim_path(key: &str) -> Option<Vec<&str>> {
+    let rest = key
+        .strip_prefix("request.auth.claims[")?
+        .strip_suffix(']')?;
+    let parts: Vec<&str> = rest.split("][").collect();
+    parts
+        .iter()
+        .all(|p| !p.is_empty() && !p.contains(['[', ']']))
+        .then_some(parts)
+}
+
 /// The condition keys of Istio's AuthorizationPolicy `when`.
 pub fn check_condition_key(key: &str) -> Result<(), String> {
     const PLAIN: [&str; 10] = [
@@ -1823,21 +1839,65 @@ pub fn check_condition_key(key: &str) -> Result<(), String> {
     if PLAIN.contains(&key) {
         return Ok(());
     }
-    for prefix in ["request.headers[", "request.auth.claims["] {
-        if let Some(rest) = key.strip_prefix(prefix) {
-            return match rest.strip_suffix(']') {
-                Some(inner) if !inner.is_empty() && !inner.contains(']') => Ok(()),
-                _ => Err(format!("{key:?}: expected {prefix}NAME]")),
-            };
-        }
+    if let Some(rest) = key.strip_prefix("request.headers[") {
+        return match rest.strip_suffix(']') {
+            Some(inner) if !inner.is_empty() && !inner.contains(['[', ']']) => Ok(()),
+            _ => Err(format!("{key:?}: expected request.headers[NAME]")),
+        };
+    }
+    if key.starts_with("request.auth.claims[") {
+        return claim_path(key).map(|_| ()).ok_or_else(|| {
+            format!("{key:?}: expected request.auth.claims[NAME] or [NAME][NESTED]…")
+        });
     }
     Err(format!("unknown condition key {key:?}"))
 }
 
-fn request_authentication(c: &mut Checker, s: &RequestAuthenticationSpec) {
-    if s.selector.is_some() && (s.target_ref.is_some() || !s.target_refs.is_empty()) {
+/// A security policy's selector, targetRef and targetRefs: at most one
+/// of them, and only the kinds the mesh can attach to.
+fn policy_targets(
+    c: &mut Checker,
+    selector: bool,
+    one: Option<&PolicyTargetReference>,
+    many: &[PolicyTargetReference],
+) {
+    if selector && (one.is_some() || !many.is_empty()) {
         c.err("spec", "only one of selector or targetRef(s) may be set");
     }
+    if one.is_some() && !many.is_empty() {
+        c.err("spec", "only one of targetRef or targetRefs may be set");
+    }
+    let all = one
+        .map(|t| ("spec.targetRef".to_string(), t))
+        .into_iter()
+        .chain(
+            many.iter()
+                .enumerate()
+                .map(|(i, t)| (format!("spec.targetRefs[{i}]"), t)),
+        );
+    for (p, t) in all {
+        match (t.kind.as_str(), t.group.as_deref().unwrap_or("")) {
+            ("Service", "" | "core") | ("Gateway", "gateway.networking.k8s.io") => {}
+            (kind, group) => c.err(
+                format!("{p}.kind"),
+                format!(
+                    "{group:?}/{kind:?} cannot be targeted: only Service (group \"\") and Gateway (group gateway.networking.k8s.io)"
+                ),
+            ),
+        }
+        if t.name.is_empty() {
+            c.err(format!("{p}.name"), "required");
+        }
+    }
+}
+
+fn request_authentication(c: &mut Checker, s: &RequestAuthenticationSpec) {
+    policy_targets(
+        c,
+        s.selector.is_some(),
+        s.target_ref.as_ref(),
+        &s.target_refs,
+    );
     if let Some(sel) = &s.selector {
         c.selector("spec.selector", sel);
     }

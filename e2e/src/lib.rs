@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 
 pub mod mesh;
 pub mod netns;
+pub mod pair;
 
 /// An app answering every request with 200 and its name.
 pub struct App {
@@ -323,7 +324,7 @@ pub async fn secure_pilot(dir: &Path, tokens: mesh_pilot::ca::BootstrapTokens) -
         .await
         .expect("the CA serves");
     let root = dir.join("root-cert.pem");
-    std::fs::write(&root, ca.roots.concat()).expect("root file");
+    std::fs::write(&root, ca.roots().concat()).expect("root file");
     SecurePilot {
         pilot: Some(pilot),
         ca,

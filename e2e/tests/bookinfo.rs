@@ -148,3 +148,59 @@ async fn mesh_wide_strict_mtls_leaves_bookinfo_working() {
         );
     }
 }
+
+const DENY_RATINGS: &str =
+    include_str!("../../samples/bookinfo/security/authorization-policy-deny-ratings.yaml");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_policy_on_ratings_makes_reviews_report_ratings_unavailable() {
+    let m = bookinfo("deny-ratings").await;
+    if !m.namespaced() {
+        println!(
+            "explicit mode: ratings has no inbound sidecar to enforce policy, so only the namespace variant checks it"
+        );
+        return;
+    }
+    m.write("subsets.yaml", SUBSETS);
+    m.write("jason.yaml", JASON);
+    let stars = mesh_e2e::eventually(Duration::from_secs(10), || async {
+        let o = m
+            .requests("/productpage", &[("cookie", "user=jason")], 1, 1)
+            .await;
+        o[0].body.contains("★")
+    })
+    .await;
+    assert!(stars, "jason sees ratings from reviews v2");
+    m.write("deny-ratings.yaml", DENY_RATINGS);
+    let unavailable = mesh_e2e::eventually(Duration::from_secs(10), || async {
+        let o = m
+            .requests("/productpage", &[("cookie", "user=jason")], 1, 1)
+            .await;
+        o[0].status == 200
+            && o[0]
+                .body
+                .contains("Ratings service is currently unavailable")
+            && o[0].body.contains("Reviews served by: <b>reviews-v2</b>")
+    })
+    .await;
+    assert!(unavailable, "reviews reports ratings unavailable");
+    let metrics = m.sidecar_metrics("ratings-v1").await.expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mesh_proxy_authz_total")
+                && l.contains("decision=\"denied\"")
+                && l.contains("policy=\"default/deny-reviews-to-ratings\"")),
+        "the ratings sidecar counted its denials:\n{metrics}"
+    );
+    // Removing the policy brings the stars back.
+    m.remove("deny-ratings.yaml");
+    let back = mesh_e2e::eventually(Duration::from_secs(10), || async {
+        let o = m
+            .requests("/productpage", &[("cookie", "user=jason")], 1, 1)
+            .await;
+        o[0].body.contains("★")
+    })
+    .await;
+    assert!(back, "ratings again once the policy is gone");
+}

@@ -106,7 +106,7 @@ async fn certificates_name_only_the_callers_identity() {
     )
     .unwrap();
     let untrusted = f.dir.join("other-root.pem");
-    std::fs::write(&untrusted, other.roots.concat()).unwrap();
+    std::fs::write(&untrusted, other.roots().concat()).unwrap();
     let mut s = f.settings("reviews", "reviews", None);
     s.ca_root = untrusted;
     assert!(identity::fetch(&s).await.is_err());

@@ -9,240 +9,21 @@
 //! Certificates rotate under load without a failed request, and the mesh
 //! keeps serving with the CA down.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::Request;
+use mesh_e2e::pair::{HOST, PRODUCTPAGE, Pair as Mesh, REVIEWS, TD, plain_get, request_over};
 use mesh_e2e::{eventually, get};
-use mesh_pilot::ca::{BootstrapTokens, Ca};
-use mesh_proxy::{Addrs, ConnSettings, Proxy, Running};
+use mesh_pilot::ca::Ca;
+use mesh_proxy::Running;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use tokio::net::{TcpListener, TcpStream};
-
-const TD: &str = "cluster.local";
-const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
-const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/default/sa/productpage";
-const HOST: &str = "reviews.default.svc.cluster.local";
-
-struct Mesh {
-    dir: PathBuf,
-    ca: Arc<Ca>,
-    pilot: Option<mesh_pilot::Running>,
-    ca_addr: String,
-    root: PathBuf,
-    /// The app behind `reviews`: echoes the HTTP version and XFCC.
-    app: SocketAddr,
-    reviews: Arc<Running>,
-    productpage: Arc<Running>,
-}
-
-/// An app answering `<version> <x-forwarded-client-cert>`.
-async fn echo_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| {
-                    let xfcc = req
-                        .headers()
-                        .get("x-forwarded-client-cert")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .to_string();
-                    let body = format!("{:?} {xfcc}", req.version());
-                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-async fn start_proxy() -> Arc<Running> {
-    let local = Some("127.0.0.1:0".parse().unwrap());
-    Arc::new(
-        mesh_proxy::start(
-            Arc::new(Proxy::new(Vec::new())),
-            Addrs {
-                outbound: None,
-                inbound: local,
-                explicit: local,
-                gateway_bind: None,
-                admin: local,
-                metrics: local,
-                ready: local,
-            },
-            ConnSettings::default(),
-            None,
-        )
-        .await
-        .unwrap(),
-    )
-}
-
-impl Mesh {
-    async fn start(name: &str, ttl: Option<Duration>) -> Mesh {
-        let dir = std::env::temp_dir().join(format!("mesh-mtls-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut tokens = BootstrapTokens::default();
-        tokens.insert("reviews-token-0123456789".into(), "default", "reviews");
-        tokens.insert(
-            "productpage-token-0123456789".into(),
-            "default",
-            "productpage",
-        );
-        let secure = mesh_e2e::secure_pilot(&dir, tokens).await;
-        let mesh = Mesh {
-            ca_addr: secure.ca_addr,
-            ca: secure.ca,
-            pilot: secure.pilot,
-            root: secure.root,
-            app: echo_app().await,
-            reviews: start_proxy().await,
-            productpage: start_proxy().await,
-            dir,
-        };
-        for (p, sa) in [
-            (&mesh.reviews, "reviews"),
-            (&mesh.productpage, "productpage"),
-        ] {
-            let token = mesh.dir.join(format!("{sa}.token"));
-            std::fs::write(&token, format!("{sa}-token-0123456789")).unwrap();
-            tokio::spawn(mesh_proxy::identity::run(
-                p.proxy.tls.certs.clone(),
-                mesh_proxy::identity::Settings {
-                    ca_addr: mesh.ca_addr.clone(),
-                    ca_root: mesh.root.clone(),
-                    ca_name: Some("localhost".into()),
-                    token_file: token,
-                    trust_domain: TD.into(),
-                    namespace: "default".into(),
-                    service_account: sa.into(),
-                    ttl,
-                },
-            ));
-        }
-        mesh.reviews_config("STRICT").await;
-        mesh.productpage_config(Some(REVIEWS), "", "HTTP").await;
-        for p in [&mesh.reviews, &mesh.productpage] {
-            assert!(
-                mesh_e2e::ready(p).await,
-                "proxies get certificates and config"
-            );
-        }
-        mesh
-    }
-
-    /// `reviews`: the app on its inbound port (protocol detected: HTTP/2
-    /// from the client stays HTTP/2 to the app), under `mode`.
-    async fn reviews_config(&self, mode: &str) {
-        let inbound = self.reviews.inbound.unwrap().port();
-        let cfg = format!(
-            "workload: {{name: reviews, namespace: default, serviceAccount: reviews, trustDomain: {TD}}}\n\
-             inbound:\n  mtls: {mode}\n  ports:\n  - {{port: {inbound}, targetPort: {}, service: {HOST}}}\n",
-            self.app.port()
-        );
-        self.reviews
-            .apply(serde_yaml::from_str(&cfg).unwrap())
-            .await
-            .unwrap();
-    }
-
-    /// `productpage`: routes to `reviews`, whose sidecar is expected to be
-    /// `identity`; `tls` is the DestinationRule's tls block, if any. Every
-    /// request opens a new connection, so each meets the policy in force.
-    async fn productpage_config(&self, identity: Option<&str>, tls: &str, protocol: &str) {
-        let ep = self.reviews.inbound.unwrap();
-        let identity = identity.map_or(String::new(), |i| format!(", identity: \"{i}\""));
-        let cfg = format!(
-            "workload: {{name: productpage, namespace: default, serviceAccount: productpage, trustDomain: {TD}}}\n\
-             destinations:\n\
-             - host: {HOST}\n  port: 9080\n  protocol: {protocol}\n  http:\n  - action: {{forward: [{{cluster: c}}]}}\n  tcp:\n  - clusters: [{{cluster: c}}]\n\
-             clusters:\n\
-             - name: c\n  service: {HOST}\n  protocol: {protocol}\n  endpoints:\n  - {{address: \"{ep}\"{identity}}}\n  connectionPool: {{http: {{maxRequestsPerConnection: 1}}}}\n{tls}"
-        );
-        self.productpage
-            .apply(serde_yaml::from_str(&cfg).unwrap())
-            .await
-            .unwrap();
-    }
-
-    async fn call(&self) -> mesh_e2e::Got {
-        let c = mesh_e2e::client();
-        get(
-            &c,
-            self.productpage.explicit.unwrap(),
-            &format!("{HOST}:9080"),
-            "/",
-        )
-        .await
-        .unwrap()
-    }
-
-    fn refused(&self) -> f64 {
-        metric(&self.reviews, "mesh_proxy_mtls_refused_total")
-    }
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn metric(p: &Running, name: &str) -> f64 {
-    p.proxy
-        .metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// A plaintext GET straight to `addr`.
-async fn plain_get(addr: SocketAddr) -> Result<String, String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    request_over(stream).await
-}
-
-async fn request_over<S>(io: S) -> Result<String, String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .uri("/")
-        .header("host", HOST)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
-}
+use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_talk_mtls_and_peer_authentication_decides_plaintext() {
@@ -498,45 +279,111 @@ async fn clients_outside_the_mesh_are_refused() {
     }
 }
 
+/// Requests from 4 clients through `productpage` until stopped: counts of
+/// successes and failures.
+struct Load {
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(mesh: &Mesh) -> Load {
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let explicit = mesh.productpage.explicit.unwrap();
+        let tasks = (0..4)
+            .map(|_| {
+                let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let c = mesh_e2e::client();
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(&c, explicit, &format!("{HOST}:9080"), "/").await {
+                            Ok(g) if g.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                            other => {
+                                eprintln!("failed: {other:?}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load {
+            ok,
+            failed,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Stops it: (succeeded, failed).
+    async fn stop(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+fn issued(p: &Running) -> u64 {
+    p.proxy.tls.certs.issued.load(Ordering::Relaxed)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_under_load_without_a_failed_request() {
     // Two-second certificates (X.509 times are whole seconds) renew about
     // every second; every request opens a new connection, so every
     // rotation meets handshakes.
     let mesh = Mesh::start("rotation", Some(Duration::from_secs(2))).await;
-    let issued = |p: &Running| p.proxy.tls.certs.issued.load(Ordering::Relaxed);
     let start = issued(&mesh.reviews) + issued(&mesh.productpage);
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let explicit = mesh.productpage.explicit.unwrap();
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
-        load.push(tokio::spawn(async move {
-            let c = mesh_e2e::client();
-            while !stop.load(Ordering::Relaxed) {
-                match get(&c, explicit, &format!("{HOST}:9080"), "/").await {
-                    Ok(g) if g.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("failed: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    let load = Load::start(&mesh);
     let rotated = eventually(Duration::from_secs(60), || async {
         issued(&mesh.reviews) + issued(&mesh.productpage) >= start + 50
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.await.unwrap();
-    }
+    let (ok, failed) = load.stop().await;
     let rotations = issued(&mesh.reviews) + issued(&mesh.productpage) - start;
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("{rotations} rotations, {ok} requests, {failed} failed");
     assert!(rotated, "50 rotations within a minute, got {rotations}");
     assert!(ok > 100, "load ran: {ok}");
     assert_eq!(failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_rotates_under_load_without_a_failed_request() {
+    use mesh_pilot::ca::{RotateStep, rotate_root};
+    let mesh = Mesh::start("root-rotation", Some(Duration::from_secs(2))).await;
+    let ca_dir = mesh.dir.join("ca");
+    let load = Load::start(&mesh);
+    // Each step, then two renewals of both proxies so each holds a
+    // certificate and roots from after the step.
+    for step in [
+        RotateStep::Prepare,
+        RotateStep::Activate,
+        RotateStep::Finish,
+    ] {
+        let before = (issued(&mesh.reviews), issued(&mesh.productpage));
+        eprintln!("{}", rotate_root(&ca_dir, TD, step).unwrap());
+        let renewed = eventually(Duration::from_secs(20), || async {
+            issued(&mesh.reviews) >= before.0 + 2 && issued(&mesh.productpage) >= before.1 + 2
+        })
+        .await;
+        assert!(renewed, "{step:?}: proxies renewed");
+        if step == RotateStep::Prepare {
+            assert_eq!(mesh.ca.roots().len(), 2, "both roots trusted");
+        }
+    }
+    let (ok, failed) = load.stop().await;
+    eprintln!("root rotated under {ok} requests, {failed} failed");
+    assert_eq!(mesh.ca.roots().len(), 1);
+    assert!(ok > 50, "load ran: {ok}");
+    assert_eq!(failed, 0);
+    // New connections after the rotation.
+    assert_eq!(mesh.call().await.status, 200);
 }

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
@@ -31,13 +32,33 @@ const CERT_CHAIN: &str = "cert-chain.pem";
 const MAX_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
 pub struct Ca {
+    dir: PathBuf,
+    state: std::sync::RwLock<Arc<State>>,
+    /// The directory's file stamps when `state` was read.
+    stamp: std::sync::Mutex<Stamp>,
+    pub trust_domain: String,
+    pub ttl: Duration,
+}
+
+struct State {
     issuer: Issuer<'static, KeyPair>,
     /// PEM of the CA certificate and the chain above it.
     chain: Vec<String>,
     /// PEM roots workloads trust.
-    pub roots: Vec<String>,
-    pub trust_domain: String,
-    pub ttl: Duration,
+    roots: Vec<String>,
+}
+
+/// Length and modification time of each CA file.
+type Stamp = Vec<Option<(u64, std::time::SystemTime)>>;
+
+fn stamp(dir: &Path) -> Stamp {
+    [CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN]
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(dir.join(f)).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +71,8 @@ pub enum CaError {
     Identity { asked: String, allowed: String },
     #[error("cannot sign: {0}")]
     Sign(String),
+    #[error("cannot rotate the root: {0}")]
+    Rotate(String),
 }
 
 fn file_error(path: &Path, e: impl std::fmt::Display) -> CaError {
@@ -74,46 +97,59 @@ fn split_pem(text: &str) -> Vec<String> {
 
 impl Ca {
     /// Loads the CA from `dir`, or creates a root there when it holds none.
+    /// The directory is read again whenever its files change, so a root
+    /// rotation ([`rotate_root`]) applies without a restart.
     pub fn load_or_create(dir: &Path, trust_domain: &str, ttl: Duration) -> Result<Ca, CaError> {
         let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
         if !cert_path.exists() && !key_path.exists() {
             create_root(dir, trust_domain)?;
         }
-        let cert_pem =
-            std::fs::read_to_string(&cert_path).map_err(|e| file_error(&cert_path, e))?;
-        let key_pem = std::fs::read_to_string(&key_path).map_err(|e| file_error(&key_path, e))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| file_error(&key_path, e))?;
-        let issuer =
-            Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| file_error(&cert_path, e))?;
-        let read_opt = |name: &str| -> Result<Vec<String>, CaError> {
-            let p = dir.join(name);
-            match std::fs::read_to_string(&p) {
-                Ok(t) => Ok(split_pem(&t)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-                Err(e) => Err(file_error(&p, e)),
-            }
-        };
-        let mut roots = read_opt(ROOT_CERT)?;
-        if roots.is_empty() {
-            roots = split_pem(&cert_pem);
-        }
-        let mut chain = split_pem(&cert_pem);
-        for c in read_opt(CERT_CHAIN)? {
-            if !chain.contains(&c) {
-                chain.push(c);
-            }
-        }
-        // A self-signed root is not sent as part of the chain.
-        if chain.len() == 1 && roots.contains(&chain[0]) {
-            chain.clear();
-        }
+        let stamped = stamp(dir);
+        let state = load_state(dir)?;
         Ok(Ca {
-            issuer,
-            chain,
-            roots,
+            dir: dir.to_path_buf(),
+            state: std::sync::RwLock::new(Arc::new(state)),
+            stamp: std::sync::Mutex::new(stamped),
             trust_domain: trust_domain.to_string(),
             ttl,
         })
+    }
+
+    /// The roots workloads trust (two during a rotation).
+    pub fn roots(&self) -> Vec<String> {
+        self.current().roots.clone()
+    }
+
+    /// The state, read again first if the directory changed. A directory
+    /// that does not load (a half-written rotation, a key that does not
+    /// match its certificate) leaves the last good state in force.
+    fn current(&self) -> Arc<State> {
+        let now = stamp(&self.dir);
+        let changed = {
+            let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+            if *last == now {
+                false
+            } else {
+                *last = now;
+                true
+            }
+        };
+        if changed {
+            match load_state(&self.dir) {
+                Ok(state) => {
+                    tracing::info!(
+                        dir = %self.dir.display(),
+                        roots = state.roots.len(),
+                        "CA files changed: reloaded"
+                    );
+                    *self.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "CA files changed but do not load; keeping the last good CA")
+                }
+            }
+        }
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Signs `csr_pem` for `namespace/service_account`: the CSR must be
@@ -128,6 +164,7 @@ impl Ca {
     ) -> Result<Vec<String>, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::Csr(e.to_string()))?;
+        let state = self.current();
         let allowed = mesh_api::ca::spiffe_id(&self.trust_domain, namespace, service_account);
         let asked: Vec<String> = csr
             .params
@@ -176,10 +213,10 @@ impl Ca {
             params,
             public_key: csr.public_key,
         }
-        .signed_by(&self.issuer)
+        .signed_by(&state.issuer)
         .map_err(|e| CaError::Sign(e.to_string()))?;
         let mut out = vec![cert.pem()];
-        out.extend(self.chain.iter().cloned());
+        out.extend(state.chain.iter().cloned());
         Ok(out)
     }
 
@@ -196,14 +233,153 @@ impl Ca {
         params.not_after = now + time::Duration::days(365);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial()));
+        let state = self.current();
         let cert = params
-            .signed_by(&key, &self.issuer)
+            .signed_by(&key, &state.issuer)
             .map_err(|e| CaError::Sign(e.to_string()))?;
         let mut chain = cert.pem();
-        for c in &self.chain {
+        for c in &state.chain {
             chain.push_str(c);
         }
         Ok((chain, key.serialize_pem()))
+    }
+}
+
+/// Reads the signing CA, its chain and the roots from `dir`.
+fn load_state(dir: &Path) -> Result<State, CaError> {
+    let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    let cert_pem = std::fs::read_to_string(&cert_path).map_err(|e| file_error(&cert_path, e))?;
+    let key_pem = std::fs::read_to_string(&key_path).map_err(|e| file_error(&key_path, e))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| file_error(&key_path, e))?;
+    let (_, der) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| file_error(&cert_path, e))?;
+    let cert = der.parse_x509().map_err(|e| file_error(&cert_path, e))?;
+    if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+        return Err(file_error(
+            &key_path,
+            format!("the key does not belong to {CA_CERT}"),
+        ));
+    }
+    let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| file_error(&cert_path, e))?;
+    let read_opt = |name: &str| -> Result<Vec<String>, CaError> {
+        let p = dir.join(name);
+        match std::fs::read_to_string(&p) {
+            Ok(t) => Ok(split_pem(&t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(file_error(&p, e)),
+        }
+    };
+    let mut roots = read_opt(ROOT_CERT)?;
+    if roots.is_empty() {
+        roots = split_pem(&cert_pem);
+    }
+    let mut chain = split_pem(&cert_pem);
+    for c in read_opt(CERT_CHAIN)? {
+        if !chain.contains(&c) {
+            chain.push(c);
+        }
+    }
+    // A self-signed root is not sent as part of the chain.
+    if chain.len() == 1 && roots.contains(&chain[0]) {
+        chain.clear();
+    }
+    Ok(State {
+        issuer,
+        chain,
+        roots,
+    })
+}
+
+/// A step of a root rotation, in order. Between steps, wait until every
+/// proxy has renewed its certificate (one certificate lifetime is always
+/// enough): proxies take the roots from each renewal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotateStep {
+    /// A new root is generated (in `next/`) and trusted next to the
+    /// current one; certificates are still signed by the current one.
+    Prepare,
+    /// The new root signs; the old one (kept in `previous/`) is still
+    /// trusted, so certificates it signed keep working until they renew.
+    Activate,
+    /// Only the new root is trusted.
+    Finish,
+}
+
+const NEXT: &str = "next";
+const PREVIOUS: &str = "previous";
+
+/// Writes `text` to `path` through a temporary file and a rename.
+fn replace_file(path: &Path, text: &str) -> Result<(), CaError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| file_error(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| file_error(path, e))
+}
+
+/// Performs one step of rotating a root the mesh generated (a user's
+/// intermediate, with `cert-chain.pem`, is rotated by replacing its
+/// files). A running pilot picks each step up by itself. Returns what was
+/// done, for the operator.
+pub fn rotate_root(dir: &Path, trust_domain: &str, step: RotateStep) -> Result<String, CaError> {
+    let (next, previous) = (dir.join(NEXT), dir.join(PREVIOUS));
+    let refuse = |why: String| Err(CaError::Rotate(why));
+    if dir.join(CERT_CHAIN).exists() {
+        return refuse(format!(
+            "{} holds {CERT_CHAIN}: an intermediate from your own PKI is rotated by replacing its files",
+            dir.display()
+        ));
+    }
+    let current = load_state(dir)?;
+    match step {
+        RotateStep::Prepare => {
+            if next.exists() {
+                return refuse(format!(
+                    "{} exists: a rotation is already prepared (activate it)",
+                    next.display()
+                ));
+            }
+            create_root(&next, trust_domain)?;
+            let new_root = std::fs::read_to_string(next.join(CA_CERT))
+                .map_err(|e| file_error(&next.join(CA_CERT), e))?;
+            let mut roots = current.roots.clone();
+            roots.push(new_root);
+            replace_file(&dir.join(ROOT_CERT), &roots.concat())?;
+            Ok(format!(
+                "prepared: a new root in {} is trusted next to the current one; once every proxy has renewed, activate it",
+                next.display()
+            ))
+        }
+        RotateStep::Activate => {
+            if !next.exists() {
+                return refuse("no prepared rotation: run the prepare step first".into());
+            }
+            let _ = std::fs::remove_dir_all(&previous);
+            std::fs::create_dir_all(&previous).map_err(|e| file_error(&previous, e))?;
+            for f in [CA_CERT, CA_KEY] {
+                std::fs::copy(dir.join(f), previous.join(f))
+                    .map_err(|e| file_error(&previous.join(f), e))?;
+            }
+            // The key first: until the certificate follows, the pair does
+            // not match and a running pilot keeps signing with the old one.
+            for f in [CA_KEY, CA_CERT] {
+                std::fs::rename(next.join(f), dir.join(f))
+                    .map_err(|e| file_error(&dir.join(f), e))?;
+            }
+            let _ = std::fs::remove_dir_all(&next);
+            Ok(
+                "activated: the new root signs workload certificates and both roots are trusted; restart pilot so its own serving certificate comes from the new root, and once every proxy has renewed, finish"
+                    .into(),
+            )
+        }
+        RotateStep::Finish => {
+            if next.exists() {
+                return refuse("a prepared rotation is not active yet: activate it first".into());
+            }
+            let cert = std::fs::read_to_string(dir.join(CA_CERT))
+                .map_err(|e| file_error(&dir.join(CA_CERT), e))?;
+            replace_file(&dir.join(ROOT_CERT), &cert)?;
+            let _ = std::fs::remove_dir_all(&previous);
+            Ok("finished: only the new root is trusted".into())
+        }
     }
 }
 
@@ -364,7 +540,7 @@ impl<A: Authenticate> mesh_api::ca::certificate_service_server::CertificateServi
                 tracing::debug!(namespace = %ns, service_account = %sa, "certificate issued");
                 Ok(Response::new(mesh_api::ca::CertificateResponse {
                     cert_chain: chain,
-                    roots: self.ca.roots.clone(),
+                    roots: self.ca.roots(),
                 }))
             }
             Err(e @ CaError::Identity { .. }) => {
@@ -438,51 +614,84 @@ pub const ROOT_CONFIGMAP: &str = "mesh-ca-root-cert";
 
 /// Keeps `mesh-ca-root-cert` in every namespace, by server-side apply
 /// (field manager `mesh-pilot`): for each namespace listed or created, and
-/// again after a relist. Terminating namespaces are left alone.
-pub async fn distribute_roots(client: kube::Client, roots: Vec<String>) {
+/// again after a relist; when `roots()` changes (a root rotation), in every
+/// namespace seen, checked every `recheck`. Terminating namespaces are left
+/// alone.
+pub async fn distribute_roots(
+    client: kube::Client,
+    roots: impl Fn() -> Vec<String> + Send + 'static,
+    recheck: Duration,
+) {
     use futures_util::StreamExt;
-    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    use k8s_openapi::api::core::v1::Namespace;
     use kube::runtime::WatchStreamExt;
     use kube::runtime::watcher::{self, Event};
-    let pem = roots.concat();
+    let mut pem = roots().concat();
+    let mut seen: std::collections::BTreeSet<String> = Default::default();
     let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
     let mut events =
         std::pin::pin!(watcher::watcher(namespaces, watcher::Config::default()).default_backoff());
-    while let Some(ev) = events.next().await {
-        let ns = match ev {
-            Ok(Event::Apply(ns) | Event::InitApply(ns)) => ns,
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "namespace watch failed; retrying");
-                continue;
+    let mut tick = tokio::time::interval(recheck);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let targets: Vec<String> = tokio::select! {
+            ev = events.next() => {
+                let ns = match ev {
+                    None => return,
+                    Some(Ok(Event::Apply(ns) | Event::InitApply(ns))) => ns,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "namespace watch failed; retrying");
+                        continue;
+                    }
+                };
+                let Some(name) = ns.metadata.name.clone() else {
+                    continue;
+                };
+                if ns.status.and_then(|s| s.phase).as_deref() == Some("Terminating") {
+                    seen.remove(&name);
+                    continue;
+                }
+                seen.insert(name.clone());
+                vec![name]
+            }
+            _ = tick.tick() => {
+                let now = roots().concat();
+                if now == pem {
+                    continue;
+                }
+                tracing::info!("the mesh's roots changed: republishing");
+                pem = now;
+                seen.iter().cloned().collect()
             }
         };
-        let Some(name) = ns.metadata.name.clone() else {
-            continue;
-        };
-        if ns.status.and_then(|s| s.phase).as_deref() == Some("Terminating") {
-            continue;
+        for name in targets {
+            publish_root(&client, &name, &pem).await;
         }
-        let cm = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": ROOT_CONFIGMAP,
-                "namespace": name,
-                "labels": {"app.kubernetes.io/managed-by": "mesh-pilot"},
-            },
-            "data": {"root-cert.pem": pem},
-        });
-        let api: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), &name);
-        let params = kube::api::PatchParams::apply("mesh-pilot").force();
-        match api
-            .patch(ROOT_CONFIGMAP, &params, &kube::api::Patch::Apply(&cm))
-            .await
-        {
-            Ok(_) => tracing::debug!(namespace = %name, "root certificate published"),
-            Err(e) => {
-                tracing::warn!(namespace = %name, error = %e, "cannot publish the root certificate")
-            }
+    }
+}
+
+async fn publish_root(client: &kube::Client, name: &str, pem: &str) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cm = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": ROOT_CONFIGMAP,
+            "namespace": name,
+            "labels": {"app.kubernetes.io/managed-by": "mesh-pilot"},
+        },
+        "data": {"root-cert.pem": pem},
+    });
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), name);
+    let params = kube::api::PatchParams::apply("mesh-pilot").force();
+    match api
+        .patch(ROOT_CONFIGMAP, &params, &kube::api::Patch::Apply(&cm))
+        .await
+    {
+        Ok(_) => tracing::debug!(namespace = %name, "root certificate published"),
+        Err(e) => {
+            tracing::warn!(namespace = %name, error = %e, "cannot publish the root certificate")
         }
     }
 }

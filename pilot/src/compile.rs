@@ -10,15 +10,18 @@ use std::collections::BTreeMap;
 
 use mesh_api::ca::spiffe_id;
 use mesh_api::model::{
-    self, Cluster, DestinationConfig, Endpoint, GatewayListener, Inbound, InboundPort, Mirror,
-    OutboundPolicy, Protocol, Route, RouteAction, TcpRoute, VirtualHost, WeightedCluster,
-    WorkloadResource,
+    self, AuthorizationRules, Cluster, DestinationConfig, Endpoint, GatewayListener, Inbound,
+    InboundPort, Mirror, OutboundPolicy, Protocol, Route, RouteAction, TcpRoute, VirtualHost,
+    WeightedCluster, WorkloadResource,
 };
 use mesh_api::networking::{
     self as net, DestinationRule, HttpRoute, OutboundTrafficMode, TrafficPolicy, VirtualService,
 };
 use mesh_api::resource::ROOT_NAMESPACE;
-use mesh_api::security::{MtlsMode, PeerAuthentication, TLS_MODE_LABEL, TLS_MODE_MESH};
+use mesh_api::security::{
+    MtlsMode, PeerAuthentication, PolicyTargetReference, TLS_MODE_LABEL, TLS_MODE_MESH,
+};
+use mesh_api::selector::WorkloadSelector;
 use mesh_api::validate::{fqdn, host_covers};
 use mesh_api::{Kind, Resource};
 
@@ -526,6 +529,40 @@ pub fn workload(inputs: &Inputs, node: &NodeInfo, mesh: &MeshSettings) -> Worklo
         }
     }
     (inbound.mtls, inbound.port_mtls) = peer_authentication(inputs, &node.namespace, labels);
+    for r in inputs.config_of(Kind::AuthorizationPolicy) {
+        if let Resource::AuthorizationPolicy(p) = &**r
+            && security_policy_applies(
+                inputs,
+                node,
+                p.metadata.namespace.as_deref().unwrap_or("default"),
+                p.spec.selector.as_ref(),
+                p.spec.target_ref.iter().chain(&p.spec.target_refs),
+            )
+        {
+            inbound.authorization.push(AuthorizationRules {
+                name: format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap_or("default"),
+                    p.metadata.name.as_deref().unwrap_or("")
+                ),
+                action: p.spec.action,
+                rules: p.spec.rules.clone().unwrap_or_default(),
+            });
+        }
+    }
+    for r in inputs.config_of(Kind::RequestAuthentication) {
+        if let Resource::RequestAuthentication(ra) = &**r
+            && security_policy_applies(
+                inputs,
+                node,
+                ra.metadata.namespace.as_deref().unwrap_or("default"),
+                ra.spec.selector.as_ref(),
+                ra.spec.target_ref.iter().chain(&ra.spec.target_refs),
+            )
+        {
+            inbound.jwt_rules.extend(ra.spec.jwt_rules.iter().cloned());
+        }
+    }
     WorkloadResource {
         workload: model::Workload {
             name: node.workload.clone(),
@@ -550,6 +587,53 @@ pub fn workload(inputs: &Inputs, node: &NodeInfo, mesh: &MeshSettings) -> Worklo
         },
         outbound_policy,
     }
+}
+
+/// Whether an AuthorizationPolicy or RequestAuthentication in
+/// `policy_ns` applies to a workload, with Istio's scopes: its targetRefs
+/// when it has any (a Service selecting the workload, or a Gateway the
+/// proxy serves); else the root namespace covers every namespace and any
+/// other namespace itself, narrowed by the selector when there is one.
+fn security_policy_applies<'a>(
+    inputs: &Inputs,
+    node: &NodeInfo,
+    policy_ns: &str,
+    selector: Option<&WorkloadSelector>,
+    target_refs: impl Iterator<Item = &'a PolicyTargetReference>,
+) -> bool {
+    let mut targeted = false;
+    for t in target_refs {
+        targeted = true;
+        let ns = t.namespace.as_deref().unwrap_or(policy_ns);
+        let hit = match t.kind.as_str() {
+            "Service" => {
+                ns == node.namespace
+                    && inputs.services_in(ns).any(|s| {
+                        s.key.name == t.name
+                            && s.selector.as_ref().is_some_and(|sel| {
+                                !sel.is_empty()
+                                    && sel.iter().all(|(k, v)| node.labels.get(k) == Some(v))
+                            })
+                    })
+            }
+            "Gateway" => {
+                node.gateway
+                    && node
+                        .gateways
+                        .iter()
+                        .any(|g| *g == format!("{ns}/{}", t.name))
+            }
+            _ => false,
+        };
+        if hit {
+            return true;
+        }
+    }
+    if targeted {
+        return false;
+    }
+    (policy_ns == ROOT_NAMESPACE || policy_ns == node.namespace)
+        && selector.is_none_or(|s| s.matches(&node.labels))
 }
 
 /// The PeerAuthentication mode of a workload and its port-level modes: a

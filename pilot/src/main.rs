@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use mesh_api::model::OutboundPolicy;
 use mesh_pilot::{Config, Debounce, MeshSettings, source};
 use tracing_subscriber::EnvFilter;
@@ -74,6 +74,30 @@ struct Cli {
     /// Log format; the filter comes from MESH_LOG (default "info").
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One step of rotating the CA's root in --ca-dir: `prepare` (a new
+    /// root, trusted next to the current one), `activate` (the new root
+    /// signs), `finish` (only the new root is trusted). Wait one
+    /// certificate lifetime (--cert-ttl) between steps so every proxy
+    /// renews. A running pilot signs with each step's CA by itself;
+    /// restart it after `activate` so its own serving certificate (port
+    /// 15012) comes from the new root before `finish`.
+    RotateRoot {
+        #[arg(value_enum)]
+        step: Step,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Step {
+    Prepare,
+    Activate,
+    Finish,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -96,6 +120,27 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::RotateRoot { step }) = cli.command {
+        let Some(dir) = &cli.ca_dir else {
+            eprintln!("mesh-pilot rotate-root: --ca-dir is required");
+            return ExitCode::from(EXIT_CONFIG);
+        };
+        let step = match step {
+            Step::Prepare => mesh_pilot::ca::RotateStep::Prepare,
+            Step::Activate => mesh_pilot::ca::RotateStep::Activate,
+            Step::Finish => mesh_pilot::ca::RotateStep::Finish,
+        };
+        return match mesh_pilot::ca::rotate_root(dir, &cli.trust_domain, step) {
+            Ok(done) => {
+                println!("{done}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mesh-pilot rotate-root: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let filter = EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     match cli.log_format {
@@ -206,9 +251,11 @@ fn main() -> ExitCode {
         if let Some((authority, tokens)) = authority {
             if let Some(client) = &kube_client {
                 // Every namespace gets the roots to mount.
+                let ca = authority.clone();
                 tokio::spawn(mesh_pilot::ca::distribute_roots(
                     client.clone(),
-                    authority.roots.clone(),
+                    move || ca.roots(),
+                    Duration::from_secs(10),
                 ));
             }
             let served = match (tokens, kube_client) {

@@ -83,9 +83,15 @@ type EndpointKey = (Arc<str>, SocketAddr, u64);
 pub struct Registry {
     clusters: Mutex<HashMap<Arc<str>, Weak<ClusterState>>>,
     endpoints: Mutex<HashMap<EndpointKey, Weak<EndpointState>>>,
+    jwks: crate::jwt::JwksRegistry,
 }
 
 impl Registry {
+    /// The key set fetched from a RequestAuthentication's `jwksUri`.
+    pub fn jwks(&self, uri: &str) -> Arc<crate::jwt::RemoteJwks> {
+        self.jwks.get(uri)
+    }
+
     fn cluster(&self, name: &Arc<str>) -> Arc<ClusterState> {
         let mut map = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = map.get(name).and_then(Weak::upgrade) {

@@ -23,26 +23,36 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::server::{MAX_HEAD_BYTES, MAX_HEADERS};
 
-/// Verdicts on request heads, oldest first: `true` when the head's framing
-/// is ambiguous.
+/// What the scanner found wrong with a request head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Fine,
+    /// Both Content-Length and Transfer-Encoding.
+    Ambiguous,
+    /// A `#fragment` in the request target, which the URI parser would
+    /// silently drop (RFC 9112 §3.2 has no fragment there).
+    Fragment,
+}
+
+/// Verdicts on request heads, oldest first.
 #[derive(Default)]
-pub struct Verdicts(Mutex<VecDeque<bool>>);
+pub struct Verdicts(Mutex<VecDeque<Verdict>>);
 
 impl Verdicts {
     /// The verdict on the next request the handler sees.
-    pub fn next_is_ambiguous(&self) -> bool {
+    pub fn next(&self) -> Verdict {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front()
-            .unwrap_or(false)
+            .unwrap_or(Verdict::Fine)
     }
 
-    fn push(&self, ambiguous: bool) {
+    fn push(&self, v: Verdict) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push_back(ambiguous);
+            .push_back(v);
     }
 }
 
@@ -150,7 +160,13 @@ impl Scanner {
             }
         }
         let ambiguous = cl_seen && te.is_some();
-        self.verdicts.push(ambiguous);
+        self.verdicts.push(if ambiguous {
+            Verdict::Ambiguous
+        } else if req.path.is_some_and(|p| p.contains('#')) {
+            Verdict::Fragment
+        } else {
+            Verdict::Fine
+        });
         if ambiguous || upgrade {
             // hyper closes after an ambiguous message; an upgrade ends HTTP.
             return State::Off;
@@ -286,7 +302,12 @@ mod tests {
         for c in chunks {
             s.feed(c);
         }
-        let out = v.0.lock().unwrap().iter().copied().collect();
+        let out =
+            v.0.lock()
+                .unwrap()
+                .iter()
+                .map(|v| *v == Verdict::Ambiguous)
+                .collect();
         (out, s.state)
     }
 
@@ -325,6 +346,15 @@ mod tests {
         stream.extend_from_slice(body);
         stream.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(all_splits(&stream), [false, false]);
+    }
+
+    #[test]
+    fn a_fragment_in_the_target_is_flagged() {
+        let v = Arc::new(Verdicts::default());
+        let mut s = Scanner::new(v.clone());
+        s.feed(b"GET /admin#x HTTP/1.1\r\nHost: a\r\n\r\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(v.next(), Verdict::Fragment);
+        assert_eq!(v.next(), Verdict::Fine);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use hyper::body::Incoming;
 
 use crate::body::{Body, OnEnd};
 use crate::cluster::{Cluster, ClusterState, EndpointState, HashKey, Outcome};
+use crate::framing::Verdict;
 use crate::metrics::{Peer, Reporter, RequestLabels};
 use crate::pool::{self, Conn};
 use crate::reason::{REASON_HEADER, Reason};
@@ -58,6 +59,8 @@ pub struct ConnInfo {
     pub framing: Option<Arc<crate::framing::Verdicts>>,
     /// Set for mTLS connections (the peer's SPIFFE ID).
     pub peer_identity: Option<Arc<str>>,
+    /// The server name an mTLS client asked for.
+    pub sni: Option<Arc<str>>,
 }
 
 /// What a request targets once its destination is known.
@@ -179,11 +182,17 @@ pub async fn serve(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     // Taken for every request, so verdicts stay in step with requests.
-    if conn.framing.as_ref().is_some_and(|v| v.next_is_ambiguous()) {
-        let mut resp = generated(Reason::BadRequest);
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp);
+    match conn.framing.as_ref().map(|v| v.next()) {
+        Some(Verdict::Ambiguous) => {
+            let mut resp = generated(Reason::BadRequest);
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(resp);
+        }
+        Some(Verdict::Fragment) => {
+            return Ok(bad_request("fragment in the request target"));
+        }
+        Some(Verdict::Fine) | None => {}
     }
     if req.method() == Method::CONNECT {
         return Ok(crate::tcp::connect_tunnel(proxy, conn, req).await);
@@ -198,6 +207,9 @@ pub async fn serve(
     if !matches!(conn.entry, Entry::Outbound(_)) {
         client_cert_header(&snap, &conn, req.headers_mut());
     }
+    if let Err(refused) = admit(&proxy, &snap, &conn, &mut req).await {
+        return Ok(refused);
+    }
     let start = Instant::now();
     let mut resp = handle(&proxy, &snap, &conn, req, start, true).await;
     if proxy.draining.load(Ordering::Relaxed) && resp.version() != Version::HTTP_2 {
@@ -205,6 +217,125 @@ pub async fn serve(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(resp)
+}
+
+fn bad_request(why: &str) -> Response<Body> {
+    let mut resp = generated(Reason::BadRequest);
+    *resp.body_mut() = Body::full(format!("{}: {why}\n", Reason::BadRequest.as_str()));
+    resp
+}
+
+/// Requests for the workload (inbound) or entering at a gateway: the
+/// method and path checks, then RequestAuthentication, then the
+/// AuthorizationPolicies. The request goes on with its normalized path,
+/// so what was decided is what the app receives.
+async fn admit(
+    proxy: &Proxy,
+    snap: &Snapshot,
+    conn: &ConnInfo,
+    req: &mut Request<Incoming>,
+) -> Result<(), Response<Body>> {
+    let destination = match conn.entry {
+        Entry::Inbound(orig) => orig,
+        Entry::Gateway(port) => SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
+        Entry::Outbound(_) | Entry::Explicit => return Ok(()),
+    };
+    // Methods are case-sensitive and the standard ones upper-case: `get`
+    // would slip past a policy on GET yet be GET to many apps.
+    if req
+        .method()
+        .as_str()
+        .bytes()
+        .any(|b| b.is_ascii_lowercase())
+    {
+        return Err(bad_request("the method must be upper-case"));
+    }
+    match crate::authz::normalize_path(req.uri().path()) {
+        Err(e) => return Err(bad_request(e.as_str())),
+        Ok(std::borrow::Cow::Owned(path)) => {
+            let pq = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = Some(
+                pq.parse()
+                    .map_err(|_| bad_request("invalid normalized path"))?,
+            );
+            *req.uri_mut() =
+                Uri::from_parts(parts).map_err(|_| bad_request("invalid normalized path"))?;
+        }
+        Ok(std::borrow::Cow::Borrowed(_)) => {}
+    }
+    let claims = if snap.authn.is_empty() {
+        None
+    } else {
+        let query = req.uri().query().map(str::to_owned);
+        match snap
+            .authn
+            .authenticate(req.headers_mut(), query.as_deref())
+            .await
+        {
+            Ok(c) => c,
+            Err(why) => {
+                proxy.metrics.authz("unauthenticated", why.as_str());
+                let mut resp = if is_grpc(req.headers()) {
+                    grpc_generated(Reason::Unauthenticated, 16)
+                } else {
+                    let mut r = generated(Reason::Unauthenticated);
+                    *r.body_mut() = Body::full(format!("{}\n", why.as_str()));
+                    r
+                };
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+                return Err(resp);
+            }
+        }
+    };
+    if snap.authz.is_empty() {
+        return Ok(());
+    }
+    let (host, _) = split_authority(authority_of(req).unwrap_or(""), destination.port());
+    let remote_ip = match conn.entry {
+        Entry::Inbound(_) => last_forwarded_for(req.headers()).unwrap_or(conn.peer.ip()),
+        _ => conn.peer.ip(),
+    };
+    let decision = snap.authz.decide(&crate::authz::Attrs {
+        source: conn.peer,
+        remote_ip,
+        destination,
+        principal: conn.peer_identity.as_deref(),
+        sni: conn.sni.as_deref(),
+        http: Some(crate::authz::HttpAttrs {
+            host,
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            headers: req.headers(),
+            auth: claims.as_ref(),
+        }),
+    });
+    if let Some(p) = &decision.audited_by {
+        proxy.metrics.authz("audited", p);
+    }
+    if let Some(p) = &decision.denied_by {
+        proxy.metrics.authz("denied", p);
+        tracing::debug!(policy = %p, path = req.uri().path(), "request denied");
+        return Err(if is_grpc(req.headers()) {
+            grpc_generated(Reason::Denied, 7)
+        } else {
+            generated(Reason::Denied)
+        });
+    }
+    Ok(())
+}
+
+/// The last address in `x-forwarded-for`: the client as the hop before
+/// this sidecar saw it.
+fn last_forwarded_for(headers: &HeaderMap) -> Option<std::net::IpAddr> {
+    let last = headers.get_all("x-forwarded-for").iter().next_back()?;
+    last.to_str().ok()?.rsplit(',').next()?.trim().parse().ok()
 }
 
 /// `x-forwarded-client-cert` (Envoy's format) from the verified mTLS peer:

@@ -5,6 +5,7 @@
 //! (`main.rs`) is a thin shell over this, and tests run proxies in-process.
 
 pub mod admin;
+pub mod authz;
 pub mod body;
 pub mod cluster;
 pub mod cors;
@@ -14,6 +15,7 @@ pub mod hashring;
 pub mod http;
 pub mod identity;
 pub mod init;
+pub mod jwt;
 pub mod metrics;
 pub mod pool;
 pub mod probes;
@@ -70,6 +72,7 @@ impl Proxy {
         let version = cfg.version.clone();
         match state::compile(cfg, &self.registry, &self.gateway_names) {
             Ok(snap) => {
+                snap.authn.prefetch();
                 self.config.store(snap);
                 self.registry.prune();
                 self.metrics.config_applied.increment(1);

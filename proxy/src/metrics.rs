@@ -286,6 +286,20 @@ impl Metrics {
         }
     }
 
+    /// An authorization outcome other than a plain allow: `denied` or
+    /// `audited` by a policy (`namespace/name`), or `unauthenticated`
+    /// with the JWT failure.
+    pub fn authz(&self, decision: &'static str, policy: &str) {
+        let key = Key::from_parts(
+            "mesh_proxy_authz_total",
+            vec![
+                Label::new("decision", decision),
+                Label::new("policy", policy.to_string()),
+            ],
+        );
+        self.recorder.register_counter(&key, &META).increment(1);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         self.handle.render()

@@ -29,6 +29,8 @@ pub enum Reason {
     BadRequest,
     /// An authorization policy denied the request.
     Denied,
+    /// The request's JWT is invalid (RequestAuthentication).
+    Unauthenticated,
     /// The proxy has no configuration yet.
     NoConfig,
     /// The proxy is shutting down.
@@ -48,6 +50,7 @@ impl Reason {
             Reason::FaultInjected => "fault injected",
             Reason::BadRequest => "bad request",
             Reason::Denied => "denied by policy",
+            Reason::Unauthenticated => "invalid token",
             Reason::NoConfig => "no config from control plane",
             Reason::Draining => "proxy draining",
         }
@@ -65,7 +68,8 @@ impl Reason {
             Reason::RateLimited => "RL",
             Reason::FaultInjected => "FI",
             Reason::BadRequest => "DPE",
-            Reason::Denied => "UAEX",
+            Reason::Denied => "RBAC",
+            Reason::Unauthenticated => "-",
             Reason::NoConfig => "NC",
             Reason::Draining => "DC",
         }
@@ -84,6 +88,7 @@ impl Reason {
             Reason::FaultInjected => StatusCode::INTERNAL_SERVER_ERROR,
             Reason::BadRequest => StatusCode::BAD_REQUEST,
             Reason::Denied => StatusCode::FORBIDDEN,
+            Reason::Unauthenticated => StatusCode::UNAUTHORIZED,
         }
     }
 

@@ -230,9 +230,18 @@ async fn serve_detected(
     };
     match detected {
         Detected::Http1 | Detected::Http2 => {
-            serve_http(ctx, stream, entry, peer, detected == Detected::Http2, None).await
+            serve_http(
+                ctx,
+                stream,
+                entry,
+                peer,
+                detected == Detected::Http2,
+                None,
+                None,
+            )
+            .await
         }
-        Detected::Tcp | Detected::Tls => serve_tcp(ctx, stream, peer, entry, None).await,
+        Detected::Tcp | Detected::Tls => serve_tcp(ctx, stream, peer, entry, None, None).await,
     }
 }
 
@@ -270,11 +279,13 @@ async fn inbound_mtls(
                 return;
             }
         };
+        let sni: Option<Arc<str>> = tls.get_ref().1.server_name().map(Into::into);
         match inner {
             Inner::Http1 | Inner::Http2 => {
-                serve_http(ctx, tls, entry, peer, inner == Inner::Http2, Some(identity)).await
+                let h2 = inner == Inner::Http2;
+                serve_http(ctx, tls, entry, peer, h2, Some(identity), sni).await
             }
-            Inner::Tcp => serve_tcp(ctx, tls, peer, entry, Some(identity)).await,
+            Inner::Tcp => serve_tcp(ctx, tls, peer, entry, Some(identity), sni).await,
         }
         return;
     }
@@ -292,6 +303,7 @@ async fn serve_tcp<S>(
     peer: SocketAddr,
     entry: Entry,
     identity: Option<Arc<str>>,
+    sni: Option<Arc<str>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -299,6 +311,35 @@ async fn serve_tcp<S>(
         return;
     };
     let proxy = &ctx.proxy;
+    let destination = match entry {
+        Entry::Inbound(orig) => Some(orig),
+        Entry::Gateway(port) => Some(SocketAddr::new(
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+            port,
+        )),
+        Entry::Outbound(_) | Entry::Explicit => None,
+    };
+    if let Some(destination) = destination
+        && !snap.authz.is_empty()
+    {
+        let decision = snap.authz.decide(&crate::authz::Attrs {
+            source: peer,
+            remote_ip: peer.ip(),
+            destination,
+            principal: identity.as_deref(),
+            sni: sni.as_deref(),
+            http: None,
+        });
+        if let Some(p) = &decision.audited_by {
+            proxy.metrics.authz("audited", p);
+        }
+        if let Some(p) = &decision.denied_by {
+            // A denied connection is closed before anything is forwarded.
+            proxy.metrics.authz("denied", p);
+            tracing::debug!(%peer, policy = %p, "connection denied");
+            return;
+        }
+    }
     let (cluster, reporter) = match entry {
         Entry::Outbound(orig) => {
             let routed = snap
@@ -361,6 +402,7 @@ async fn serve_http<S>(
     peer: SocketAddr,
     h2: bool,
     peer_identity: Option<Arc<str>>,
+    sni: Option<Arc<str>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -370,6 +412,7 @@ async fn serve_http<S>(
         peer,
         framing: framing.clone(),
         peer_identity,
+        sni,
     });
     let proxy = ctx.proxy.clone();
     let svc = service_fn(move |req| crate::http::serve(proxy.clone(), info.clone(), req));

@@ -284,6 +284,10 @@ pub struct Snapshot {
     pub rate_limiters: Vec<(Vec<u16>, Arc<RateLimiter>)>,
     pub gateways: HashMap<u16, Arc<Gateway>>,
     pub outbound_policy: OutboundPolicy,
+    /// AuthorizationPolicies of the workload (inbound and gateway traffic).
+    pub authz: crate::authz::Authz,
+    /// RequestAuthentication JWT rules of the workload.
+    pub authn: crate::jwt::Authn,
 }
 
 impl Snapshot {
@@ -802,7 +806,13 @@ pub fn compile(
         labels: w.labels.clone(),
     };
     let inbound_limits = crate::cluster::Limits::from_model(cfg.inbound.connection_pool.as_ref());
+    let authz = crate::authz::Authz::new(&cfg.inbound.authorization)
+        .map_err(|e| format!("inbound.authorization: {e}"))?;
+    let authn = crate::jwt::Authn::new(&cfg.inbound.jwt_rules, registry)
+        .map_err(|e| format!("inbound.{e}"))?;
     Ok(Snapshot {
+        authz,
+        authn,
         version: cfg.version.as_str().into(),
         workload,
         by_authority,

@@ -23,8 +23,8 @@ fn a_root_is_created_once_and_kept() {
     let d = dir("keep");
     let a = Ca::load_or_create(&d, "cluster.local", Duration::from_secs(3600)).unwrap();
     let b = Ca::load_or_create(&d, "cluster.local", Duration::from_secs(3600)).unwrap();
-    assert_eq!(a.roots, b.roots);
-    assert_eq!(a.roots.len(), 1);
+    assert_eq!(a.roots(), b.roots());
+    assert_eq!(a.roots().len(), 1);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(d.join(CA_KEY))
         .unwrap()
@@ -56,7 +56,7 @@ fn only_the_callers_own_identity_is_signed() {
         issued.validity().not_after.timestamp() - time::OffsetDateTime::now_utc().unix_timestamp();
     assert!((3540..=3600).contains(&left), "{left}");
     // Signed by the root.
-    let (_, root) = x509_parser::pem::parse_x509_pem(ca.roots[0].as_bytes()).unwrap();
+    let (_, root) = x509_parser::pem::parse_x509_pem(ca.roots()[0].as_bytes()).unwrap();
     let root = root.parse_x509().unwrap();
     issued.verify_signature(Some(root.public_key())).unwrap();
     // Another service account, another trust domain, extra names: refused.
@@ -228,27 +228,126 @@ async fn every_live_namespace_gets_the_root_configmap() {
             }
         }
     });
+    let roots = Arc::new(std::sync::Mutex::new(vec![
+        "-----BEGIN CERTIFICATE-----\nROOT\n-----END CERTIFICATE-----\n".to_string(),
+    ]));
+    let current = roots.clone();
     let task = tokio::spawn(distribute_roots(
         kube::Client::new(svc, "default"),
-        vec!["-----BEGIN CERTIFICATE-----\nROOT\n-----END CERTIFICATE-----\n".into()],
+        move || current.lock().unwrap().clone(),
+        Duration::from_millis(20),
     ));
-    let mut paths = Vec::new();
-    for _ in 0..3 {
-        let (path, pem) = tokio::time::timeout(Duration::from_secs(10), applied.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(pem.contains("ROOT"));
-        paths.push(path);
+    // Each round: every live namespace gets the roots of the moment.
+    for want in ["ROOT", "NEXT"] {
+        if want == "NEXT" {
+            roots
+                .lock()
+                .unwrap()
+                .push("-----BEGIN CERTIFICATE-----\nNEXT\n-----END CERTIFICATE-----\n".into());
+        }
+        let mut paths = Vec::new();
+        for _ in 0..3 {
+            let (path, pem) = tokio::time::timeout(Duration::from_secs(10), applied.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(pem.contains(want), "{want}: {pem}");
+            paths.push(path);
+        }
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                "/api/v1/namespaces/default/configmaps/mesh-ca-root-cert",
+                "/api/v1/namespaces/new/configmaps/mesh-ca-root-cert",
+                "/api/v1/namespaces/shop/configmaps/mesh-ca-root-cert",
+            ]
+        );
     }
-    paths.sort();
-    assert_eq!(
-        paths,
-        [
-            "/api/v1/namespaces/default/configmaps/mesh-ca-root-cert",
-            "/api/v1/namespaces/new/configmaps/mesh-ca-root-cert",
-            "/api/v1/namespaces/shop/configmaps/mesh-ca-root-cert",
-        ]
-    );
     task.abort();
+}
+
+/// Which of `roots` signed the leaf of `chain`.
+fn signer(chain: &[String], roots: &[String]) -> usize {
+    let (_, leaf) = x509_parser::pem::parse_x509_pem(chain[0].as_bytes()).unwrap();
+    let leaf = leaf.parse_x509().unwrap();
+    roots
+        .iter()
+        .position(|r| {
+            let (_, root) = x509_parser::pem::parse_x509_pem(r.as_bytes()).unwrap();
+            let root = root.parse_x509().unwrap();
+            leaf.verify_signature(Some(root.public_key())).is_ok()
+        })
+        .expect("signed by one of the roots")
+}
+
+#[test]
+fn a_root_rotates_with_an_overlap_and_a_running_ca_follows() {
+    let d = dir("rotate");
+    let ca = Ca::load_or_create(&d, "cluster.local", Duration::from_secs(3600)).unwrap();
+    let me = "spiffe://cluster.local/ns/shop/sa/reviews";
+    let sign = || {
+        ca.sign(&csr(&[uri(me)]).0, "shop", "reviews", None)
+            .unwrap()
+    };
+    let old_root = ca.roots();
+    let before = sign();
+
+    // File times have a resolution; make every step visible to the stamp.
+    let settle = || std::thread::sleep(Duration::from_millis(20));
+    let e = rotate_root(&d, "cluster.local", RotateStep::Activate).unwrap_err();
+    assert!(e.to_string().contains("prepare"), "{e}");
+    rotate_root(&d, "cluster.local", RotateStep::Prepare).unwrap();
+    settle();
+    let both = ca.roots();
+    assert_eq!(both.len(), 2);
+    assert_eq!(both[0], old_root[0]);
+    assert_eq!(signer(&sign(), &both), 0, "still signed by the old root");
+    assert!(rotate_root(&d, "cluster.local", RotateStep::Prepare).is_err());
+
+    rotate_root(&d, "cluster.local", RotateStep::Activate).unwrap();
+    settle();
+    assert_eq!(ca.roots(), both, "both trusted while certificates renew");
+    let after = sign();
+    assert_eq!(signer(&after, &both), 1, "the new root signs");
+    assert_eq!(signer(&before, &both), 0, "old certificates still verify");
+
+    rotate_root(&d, "cluster.local", RotateStep::Finish).unwrap();
+    settle();
+    assert_eq!(ca.roots(), vec![both[1].clone()]);
+    assert_eq!(signer(&sign(), &ca.roots()), 0);
+    // A restart keeps the new root.
+    let again = Ca::load_or_create(&d, "cluster.local", Duration::from_secs(3600)).unwrap();
+    assert_eq!(again.roots(), vec![both[1].clone()]);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_key_that_does_not_match_its_certificate_never_signs() {
+    let d = dir("mismatch");
+    let ca = Ca::load_or_create(&d, "cluster.local", Duration::from_secs(3600)).unwrap();
+    let root = ca.roots();
+    // Another key where the CA key was: the running CA keeps its last
+    // good state, and loading it fresh fails naming the file.
+    std::fs::remove_file(d.join(CA_KEY)).unwrap();
+    write_private(
+        &d.join(CA_KEY),
+        &KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let chain = ca
+        .sign(
+            &csr(&[uri("spiffe://cluster.local/ns/shop/sa/reviews")]).0,
+            "shop",
+            "reviews",
+            None,
+        )
+        .unwrap();
+    assert_eq!(signer(&chain, &root), 0);
+    let e = Ca::load_or_create(&d, "cluster.local", Duration::from_secs(3600))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("does not belong"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -372,3 +372,81 @@ fn peer_authentication_goes_from_workload_to_namespace_to_mesh() {
     // Another app in the namespace is not selected.
     assert_eq!(mode(&yaml, "shop", "ratings"), (MtlsMode::Permissive, none));
 }
+
+#[test]
+fn security_policies_apply_by_root_namespace_namespace_selector_and_target_ref() {
+    let ap = |ns: &str, name: &str, spec: &str| {
+        format!(
+            "apiVersion: security.mesh.dev/v1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n---\n"
+        )
+    };
+    let yaml = format!(
+        "{REVIEWS}---\n{}{}{}{}{}{}{}",
+        ap(
+            "mesh-system",
+            "mesh-deny",
+            "{action: DENY, rules: [{from: [{source: {notPrincipals: ['*']}}]}]}"
+        ),
+        ap(
+            "mesh-system",
+            "all-reviews",
+            "{selector: {matchLabels: {app: reviews}}, action: AUDIT, rules: [{}]}"
+        ),
+        ap("shop", "ns-wide", "{}"),
+        ap(
+            "shop",
+            "v2-only",
+            "{selector: {matchLabels: {version: v2}}, rules: [{}]}"
+        ),
+        ap(
+            "shop",
+            "by-service",
+            "{targetRef: {kind: Service, group: '', name: reviews}, action: DENY, rules: [{to: [{operation: {paths: ['/admin']}}]}]}"
+        ),
+        ap("other", "elsewhere", "{}"),
+        "apiVersion: security.mesh.dev/v1\nkind: RequestAuthentication\n\
+         metadata: {name: jwt, namespace: shop}\n\
+         spec: {selector: {matchLabels: {app: reviews}}, jwtRules: [{issuer: https://issuer.example, jwksUri: https://issuer.example/jwks}]}\n",
+    );
+    let i = inputs(&yaml);
+    let names = |app: &str, version: &str, ns: &str| {
+        let node = NodeInfo {
+            workload: format!("{app}-{version}"),
+            namespace: ns.into(),
+            labels: [("app", app), ("version", version)]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+            service_account: app.into(),
+            ..Default::default()
+        };
+        let w = workload(&i, &node, &MeshSettings::default());
+        let names: Vec<String> = w
+            .inbound
+            .authorization
+            .iter()
+            .map(|p| format!("{} {:?} {}", p.name, p.action, p.rules.len()))
+            .collect();
+        (names, w.inbound.jwt_rules.len())
+    };
+    let (v1, jwt) = names("reviews", "v1", "shop");
+    assert_eq!(
+        v1,
+        [
+            "mesh-system/all-reviews Audit 1",
+            "mesh-system/mesh-deny Deny 1",
+            "shop/by-service Deny 1",
+            "shop/ns-wide Allow 0",
+        ]
+    );
+    assert_eq!(jwt, 1);
+    let (v2, _) = names("reviews", "v2", "shop");
+    assert!(v2.contains(&"shop/v2-only Allow 1".to_string()), "{v2:?}");
+    // Another namespace: only the mesh-wide policies and its own.
+    let (other, jwt) = names("ratings", "v1", "other");
+    assert_eq!(
+        other,
+        ["mesh-system/mesh-deny Deny 1", "other/elsewhere Allow 0"]
+    );
+    assert_eq!(jwt, 0);
+}
