@@ -89,11 +89,16 @@ pub async fn echo_app() -> SocketAddr {
     addr
 }
 
-async fn start_proxy() -> Arc<Running> {
+async fn start_proxy(tls12: bool) -> Arc<Running> {
     let local = Some("127.0.0.1:0".parse().unwrap());
+    let mut proxy = Proxy::new(Vec::new());
+    proxy.tls = Arc::new(mesh_proxy::tls::MeshTls::with_tls12(
+        proxy.tls.certs.clone(),
+        tls12,
+    ));
     Arc::new(
         mesh_proxy::start(
-            Arc::new(Proxy::new(Vec::new())),
+            Arc::new(proxy),
             Addrs {
                 outbound: None,
                 inbound: local,
@@ -113,6 +118,11 @@ async fn start_proxy() -> Arc<Running> {
 
 impl Pair {
     pub async fn start(name: &str, ttl: Option<Duration>) -> Pair {
+        Pair::start_with(name, ttl, false).await
+    }
+
+    /// With `tls12`, both sidecars also accept and offer TLS 1.2.
+    pub async fn start_with(name: &str, ttl: Option<Duration>, tls12: bool) -> Pair {
         let dir = std::env::temp_dir().join(format!("mesh-mtls-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut tokens = BootstrapTokens::default();
@@ -129,8 +139,8 @@ impl Pair {
             pilot: secure.pilot,
             root: secure.root,
             app: echo_app().await,
-            reviews: start_proxy().await,
-            productpage: start_proxy().await,
+            reviews: start_proxy(tls12).await,
+            productpage: start_proxy(tls12).await,
             dir,
         };
         for (p, sa) in [

@@ -193,9 +193,17 @@ async fn raw_mtls_get(
     addr: SocketAddr,
     cert: Option<(Vec<String>, String)>,
 ) -> Result<String, String> {
+    raw_mtls_get_versions(addr, cert, rustls::DEFAULT_VERSIONS).await
+}
+
+async fn raw_mtls_get_versions(
+    addr: SocketAddr,
+    cert: Option<(Vec<String>, String)>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<String, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
@@ -222,6 +230,28 @@ async fn raw_mtls_get(
         .await
         .map_err(|e| e.to_string())?;
     request_over(tls).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_between_sidecars_only_when_configured() {
+    let tls12_only: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    let hour = Duration::from_secs(3600);
+    let strict = Mesh::start("tls13", None).await;
+    let good = issue(&strict.ca, "default", "productpage", hour);
+    let got = raw_mtls_get_versions(strict.reviews.inbound.unwrap(), Some(good), tls12_only).await;
+    assert!(got.is_err(), "TLS 1.3 only by default: {got:?}");
+    drop(strict);
+
+    let mesh = Mesh::start_with("tls12", None, true).await;
+    let good = issue(&mesh.ca, "default", "productpage", hour);
+    assert_eq!(
+        raw_mtls_get_versions(mesh.reviews.inbound.unwrap(), Some(good), tls12_only)
+            .await
+            .unwrap(),
+        format!("HTTP/1.1 By={REVIEWS};URI={PRODUCTPAGE}")
+    );
+    // Sidecars that can both do 1.3 still talk mTLS.
+    assert_eq!(mesh.call().await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,15 +48,18 @@ struct State {
     roots: Vec<String>,
 }
 
-/// Length and modification time of each CA file.
-type Stamp = Vec<Option<(u64, std::time::SystemTime)>>;
+/// Inode, length and modification time of each CA file: a file replaced
+/// by a rename (as rotation does) has another inode even when it was
+/// written within the same clock tick and is as long.
+type Stamp = Vec<Option<(u64, u64, std::time::SystemTime)>>;
 
 fn stamp(dir: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
     [CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN]
         .iter()
         .map(|f| {
             let m = std::fs::metadata(dir.join(f)).ok()?;
-            Some((m.len(), m.modified().ok()?))
+            Some((m.ino(), m.len(), m.modified().ok()?))
         })
         .collect()
 }

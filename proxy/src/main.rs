@@ -115,6 +115,10 @@ struct RunArgs {
     /// Requested certificate validity (default: the CA's).
     #[arg(long, value_parser = parse_duration)]
     cert_ttl: Option<Duration>,
+    /// Accept and offer TLS 1.2 for mTLS between sidecars, for peers that
+    /// cannot do 1.3 (1.3 is still chosen when both can). Off: 1.3 only.
+    #[arg(long, env = "MESH_TLS12")]
+    mesh_tls12: bool,
     /// The app's HTTP probes, rewritten to `/app-health/…` on the metrics
     /// port (JSON, written by the injector).
     #[arg(long, env = "MESH_APP_PROBERS", hide_env_values = true)]
@@ -264,6 +268,12 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let mut proxy = Proxy::new(args.gateway_names.clone());
         proxy.app_probers = app_probers;
+        if args.mesh_tls12 {
+            proxy.tls = Arc::new(mesh_proxy::tls::MeshTls::with_tls12(
+                proxy.tls.certs.clone(),
+                true,
+            ));
+        }
         let proxy = Arc::new(proxy);
         if let Some(cfg) = initial
             && let Err(e) = proxy.apply(cfg)

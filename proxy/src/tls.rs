@@ -285,15 +285,27 @@ fn index(inner: Inner) -> usize {
 }
 
 impl MeshTls {
+    /// TLS 1.3 only.
     pub fn new(certs: Arc<Certs>) -> MeshTls {
+        MeshTls::with_tls12(certs, false)
+    }
+
+    /// With `tls12`, TLS 1.2 is accepted and offered too (for peers that
+    /// cannot do 1.3); 1.3 is still chosen whenever both sides can.
+    pub fn with_tls12(certs: Arc<Certs>, tls12: bool) -> MeshTls {
+        let versions: &[&'static rustls::SupportedProtocolVersion] = if tls12 {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13]
+        };
         let provider = provider();
         let current = Arc::new(Current {
             certs: certs.clone(),
             algs: provider.signature_verification_algorithms,
         });
         let mut server = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3 with the ring provider")
+            .with_protocol_versions(versions)
+            .expect("TLS 1.3 and 1.2 with the ring provider")
             .with_client_cert_verifier(current.clone())
             .with_cert_resolver(current.clone());
         server.alpn_protocols = [Inner::Http1, Inner::Http2, Inner::Tcp]
@@ -302,8 +314,8 @@ impl MeshTls {
             .collect();
         let client = |inner: Inner| {
             let mut c = ClientConfig::builder_with_provider(provider.clone())
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .expect("TLS 1.3 with the ring provider")
+                .with_protocol_versions(versions)
+                .expect("TLS 1.3 and 1.2 with the ring provider")
                 .dangerous()
                 .with_custom_certificate_verifier(current.clone())
                 .with_client_cert_resolver(current.clone());
