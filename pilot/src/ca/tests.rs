@@ -332,7 +332,6 @@ fn a_key_that_does_not_match_its_certificate_never_signs() {
         &KeyPair::generate().unwrap().serialize_pem(),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(20));
     let chain = ca
         .sign(
             &csr(&[uri("spiffe://cluster.local/ns/shop/sa/reviews")]).0,
