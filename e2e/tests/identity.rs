@@ -137,7 +137,14 @@ async fn certificates_renew_and_outlive_the_ca_until_expiry() {
     // The CA goes away: the current certificate keeps serving…
     f.pilot.take();
     let last = certs.current().expect("a certificate while the CA is gone");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let failures = certs.failures.load(Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            certs.failures.load(Ordering::Relaxed) > failures
+        })
+        .await,
+        "renewal tried and failed"
+    );
     assert_eq!(
         certs.current().map(|c| c.serial.clone()),
         Some(last.serial.clone())
