@@ -44,6 +44,21 @@ fi
 "$venv/bin/kubernetes-validate" --strict --quiet -k 1.30.0 injector/tests/golden/*.native.out.yaml
 "$venv/bin/kubernetes-validate" --strict --quiet -k 1.28.0 injector/tests/golden/*.classic.out.yaml
 
+step "install manifests of every profile against the Kubernetes OpenAPI schemas"
+# What `meshctl install` applies (custom resources such as the mesh-wide
+# PeerAuthentication are checked by the CRD schemas, not here).
+out=target/manifests
+mkdir -p "$out"
+for profile in minimal default demo; do
+  target/debug/meshctl manifest generate --offline --profile "$profile" > "$out/$profile.yaml"
+done
+target/debug/meshctl manifest generate --offline --profile demo \
+  --set pilot.replicas=3 --set ingressGateway.serviceType=NodePort \
+  --set ingressGateway.nodePorts.http=30080 --set mtls.mode=STRICT \
+  --set kubernetesMinor=28 > "$out/demo-overrides.yaml"
+"$venv/bin/kubernetes-validate" --strict --quiet -k 1.30.0 "$out"/{minimal,default,demo}.yaml
+"$venv/bin/kubernetes-validate" --strict --quiet -k 1.28.0 "$out/demo-overrides.yaml"
+
 step "fuzz targets build"
 # Their own workspace (libFuzzer); the same target dir reuses the main build.
 cargo build --manifest-path fuzz/Cargo.toml --target-dir target --locked

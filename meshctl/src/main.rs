@@ -10,7 +10,9 @@ use mesh_api::analysis::{self, Source};
 use mesh_api::convert::{Output, convert};
 
 mod cluster;
+mod dashboard;
 mod demo;
+mod install;
 mod local;
 mod pilot;
 mod status;
@@ -163,6 +165,70 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
         output: Format,
     },
+    /// Install the mesh into the current kubeconfig context's cluster, or
+    /// bring an installation in line with a profile and values.
+    ///
+    /// Server-side apply (field manager `meshctl`) in dependency order: the
+    /// namespace and CRDs (established first), pilot and its CA, the
+    /// injector and then its webhook, the gateways, the addons; each part
+    /// waits until ready, and a part that does not come up says which pod
+    /// and why. Objects a previous installation made and this one does not
+    /// are removed. Running it again changes nothing. Generated key material
+    /// (the CA, the webhook certificate) is kept across runs.
+    Install {
+        #[command(flatten)]
+        selection: install::Selection,
+        /// Do not ask for confirmation.
+        #[arg(short = 'y', long)]
+        yes: bool,
+        /// Print what would be applied and removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long each part may take to become ready.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Remove what `meshctl install` created.
+    ///
+    /// Without --purge, the mesh-system namespace, the CRDs (and so every
+    /// mesh resource) and the CA's Secret stay, so a new install keeps the
+    /// config and the workloads' trust; --purge removes those too, and the
+    /// root-certificate ConfigMaps pilot published in every namespace.
+    Uninstall {
+        #[arg(short = 'y', long)]
+        yes: bool,
+        #[arg(long)]
+        purge: bool,
+        #[arg(long, default_value = "2m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Check a cluster before installing (--pre), or the installed mesh.
+    ///
+    /// --pre: the Kubernetes version, whether you may create what install
+    /// creates, an existing installation. Without it: CRDs, pilot,
+    /// injector and gateways available, the webhook reachable from the API
+    /// server, proxies in sync, the root certificate's expiry, pods lacking
+    /// their sidecar. Exits 1 when something is wrong.
+    Check {
+        #[arg(long)]
+        pre: bool,
+    },
+    /// The manifests install applies.
+    Manifest {
+        #[command(subcommand)]
+        command: ManifestCommand,
+    },
+    /// Open an addon's UI: forwards a local port to its pod and prints the
+    /// URL.
+    Dashboard {
+        #[arg(value_enum)]
+        addon: dashboard::Addon,
+        /// Local port (default: the addon's own: 9090, 3000, 16686).
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long, default_value = "127.0.0.1")]
+        address: std::net::IpAddr,
+    },
     /// Print the version.
     Version {
         /// Print only the version number.
@@ -189,6 +255,39 @@ struct Input {
         value_name = "FILE|DIR|-"
     )]
     files: Vec<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ManifestCommand {
+    /// Print exactly what `meshctl install` would apply, as YAML.
+    ///
+    /// With a reachable cluster, its version and the key material already
+    /// there are used; otherwise (or with --offline) new key material is
+    /// generated and Kubernetes 1.29 assumed (`--set kubernetesMinor=N`).
+    Generate {
+        #[command(flatten)]
+        selection: install::Selection,
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Print a profile's values with the --set overrides applied: every key
+    /// `--set` accepts.
+    Values {
+        #[command(flatten)]
+        selection: install::Selection,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 90s or 5m"))?;
+    match unit {
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: expected e.g. 90s or 5m")),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -408,6 +507,53 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 output,
                 &mut std::io::stdout().lock(),
             )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Install {
+            selection,
+            yes,
+            dry_run,
+            timeout,
+        } => {
+            install::install(install::InstallArgs {
+                selection: &selection,
+                yes,
+                dry_run,
+                timeout,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Uninstall {
+            yes,
+            purge,
+            timeout,
+        } => {
+            install::uninstall(yes, purge, timeout)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { pre } => Ok(if install::check(pre, &mut std::io::stdout().lock())? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
+        Command::Manifest { command } => {
+            let mut out = std::io::stdout().lock();
+            match command {
+                ManifestCommand::Generate { selection, offline } => {
+                    install::generate(&selection, offline, &mut out)?
+                }
+                ManifestCommand::Values { selection } => {
+                    out.write_all(serde_yaml::to_string(&selection.values()?)?.as_bytes())?
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dashboard {
+            addon,
+            port,
+            address,
+        } => {
+            dashboard::run(addon, address, port)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Version { short } => {

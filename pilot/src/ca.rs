@@ -248,6 +248,26 @@ impl Ca {
     }
 }
 
+/// When the first certificate in `pem` expires (Unix seconds), and its
+/// DNS names.
+pub fn cert_validity(pem: &str) -> Result<(i64, Vec<String>), String> {
+    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+    let cert = der.parse_x509().map_err(|e| e.to_string())?;
+    let names = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok((cert.validity().not_after.timestamp(), names))
+}
+
 /// Reads the signing CA, its chain and the roots from `dir`.
 fn load_state(dir: &Path) -> Result<State, CaError> {
     let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
@@ -398,6 +418,37 @@ fn serial() -> [u8; 16] {
 /// Generates a root (ECDSA P-256, 10 years) and writes it (key 0600).
 fn create_root(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
     std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
+    let root = generate_root(trust_domain)?;
+    let key_path = dir.join(CA_KEY);
+    write_private(&key_path, &root.key_pem)?;
+    let cert_path = dir.join(CA_CERT);
+    std::fs::write(&cert_path, &root.cert_pem).map_err(|e| file_error(&cert_path, e))?;
+    let root_path = dir.join(ROOT_CERT);
+    std::fs::write(&root_path, &root.cert_pem).map_err(|e| file_error(&root_path, e))?;
+    tracing::info!(dir = %dir.display(), "generated the mesh's root CA");
+    Ok(())
+}
+
+/// A self-signed root CA, as PEM.
+pub struct GeneratedRoot {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl GeneratedRoot {
+    /// The files of a CA directory (`--ca-dir`) holding this root, by
+    /// file name: what a Secret mounted there carries.
+    pub fn files(&self) -> [(&'static str, &str); 3] {
+        [
+            (CA_CERT, &self.cert_pem),
+            (CA_KEY, &self.key_pem),
+            (ROOT_CERT, &self.cert_pem),
+        ]
+    }
+}
+
+/// Generates a root CA for `trust_domain`: ECDSA P-256, valid 10 years.
+pub fn generate_root(trust_domain: &str) -> Result<GeneratedRoot, CaError> {
     let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
     let mut params = CertificateParams::default();
     params
@@ -419,14 +470,10 @@ fn create_root(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
     let cert = params
         .self_signed(&key)
         .map_err(|e| CaError::Sign(e.to_string()))?;
-    let key_path = dir.join(CA_KEY);
-    write_private(&key_path, &key.serialize_pem())?;
-    let cert_path = dir.join(CA_CERT);
-    std::fs::write(&cert_path, cert.pem()).map_err(|e| file_error(&cert_path, e))?;
-    let root_path = dir.join(ROOT_CERT);
-    std::fs::write(&root_path, cert.pem()).map_err(|e| file_error(&root_path, e))?;
-    tracing::info!(dir = %dir.display(), "generated the mesh's root CA");
-    Ok(())
+    Ok(GeneratedRoot {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
