@@ -77,6 +77,18 @@ impl Kind {
         }
     }
 
+    /// The API resource, for kube's dynamic API.
+    pub fn api_resource(self) -> kube::core::ApiResource {
+        let (group, version) = self.api_version().split_once('/').unwrap_or_default();
+        kube::core::ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: self.api_version().into(),
+            kind: self.name().into(),
+            plural: self.plural().into(),
+        }
+    }
+
     /// Lower-case plural, as in the CRD and `meshctl get`.
     pub fn plural(self) -> &'static str {
         match self {

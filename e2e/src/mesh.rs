@@ -93,6 +93,18 @@ pub struct LocalMesh {
     /// The pods, in the namespace variant (dropped last: after the
     /// processes in them).
     net: Option<Network>,
+    /// Extra environment of every proxy (explicit variant).
+    proxy_env: Vec<(String, String)>,
+}
+
+/// How a [`LocalMesh`] runs, beyond its workloads.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Loopback and explicit proxies even where namespaces are available
+    /// (for a test that listens on loopback itself, say a collector).
+    pub explicit: bool,
+    /// Extra environment of every proxy.
+    pub proxy_env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -108,6 +120,11 @@ pub fn write_atomic(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write config");
     std::fs::rename(&tmp, path).expect("rename config");
+}
+
+/// Whether a [`LocalMesh`] started now runs pods in network namespaces.
+pub fn namespaces_available() -> bool {
+    use_namespaces().is_ok()
 }
 
 /// The namespace variant runs unless `MESH_E2E_EXPLICIT` is set or the
@@ -133,10 +150,26 @@ impl LocalMesh {
         workloads: &[Workload],
         gateway_route: (&str, &str, u16),
     ) -> LocalMesh {
+        LocalMesh::start_with(name, services, workloads, gateway_route, Options::default()).await
+    }
+
+    /// [`LocalMesh::start`] with options.
+    pub async fn start_with(
+        name: &str,
+        services: &[(&'static str, u16)],
+        workloads: &[Workload],
+        gateway_route: (&str, &str, u16),
+        options: Options,
+    ) -> LocalMesh {
         let dir = std::env::temp_dir().join(format!("mesh-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("config dir");
-        let mut net = match use_namespaces() {
+        let choice = if options.explicit {
+            Err("this test asked for it".to_string())
+        } else {
+            use_namespaces()
+        };
+        let mut net = match choice {
             Ok(()) => {
                 println!("e2e {name}: pods in network namespaces, transparent capture");
                 let prefix = format!(
@@ -243,6 +276,7 @@ impl LocalMesh {
             apps,
             app_probes: BTreeMap::new(),
             net,
+            proxy_env: options.proxy_env,
         };
         mesh.wait_ready(http, "/ready", "pilot").await;
         let mut ready = Vec::new();
@@ -379,8 +413,15 @@ impl LocalMesh {
                         root: self.root_cert(),
                         token: self.pki.join(format!("{name}.token")),
                     };
-                    let (child, probe) =
-                        injected_sidecar(ns, &program, name, labels, self.apps[name].port(), &pki);
+                    let (child, probe) = injected_sidecar(
+                        ns,
+                        &program,
+                        name,
+                        labels,
+                        self.apps[name].port(),
+                        &pki,
+                        &self.proxy_env,
+                    );
                     self.procs
                         .entry(name.to_string())
                         .or_default()
@@ -428,6 +469,7 @@ impl LocalMesh {
             .args(["--proxy-id", &format!("{name}.default")])
             .args(["--drain-timeout", "1s"])
             .env("MESH_LOG", "error")
+            .envs(self.proxy_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         for (k, v) in labels {
             cmd.args(["--label", &format!("{k}={v}")]);
@@ -443,21 +485,23 @@ impl LocalMesh {
     /// An app of the test's own (answering `status` and its name) that the
     /// mesh's workloads can reach.
     pub async fn app(&self, name: &str, status: u16) -> App {
+        serve_app(name, self.listener(0).await, status)
+    }
+
+    /// A listener of the test's own the mesh's workloads can reach: in the
+    /// hub namespace (at [`HUB`]) or on loopback; `port` 0 for any.
+    pub async fn listener(&self, port: u16) -> tokio::net::TcpListener {
         let listener = match &self.net {
-            None => std::net::TcpListener::bind("127.0.0.1:0"),
+            None => std::net::TcpListener::bind(("127.0.0.1", port)),
             Some(n) => n
                 .hub
-                .spawn(|| std::net::TcpListener::bind(SocketAddr::new(HUB.into(), 0)))
+                .spawn(move || std::net::TcpListener::bind(SocketAddr::new(HUB.into(), port)))
                 .await
                 .expect("the hub thread"),
         }
-        .expect("bind an app");
+        .expect("bind a listener");
         listener.set_nonblocking(true).expect("nonblocking");
-        serve_app(
-            name,
-            tokio::net::TcpListener::from_std(listener).expect("a tokio listener"),
-            status,
-        )
+        tokio::net::TcpListener::from_std(listener).expect("a tokio listener")
     }
 
     /// `n` GETs of `path` through the gateway, `concurrency` at a time.
@@ -684,6 +728,7 @@ fn injected_sidecar(
     labels: &[(&str, &str)],
     port: u16,
     pki: &Pki,
+    extra_env: &[(String, String)],
 ) -> (Child, Option<String>) {
     use k8s_openapi::api::core::v1::Pod;
     let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
@@ -783,7 +828,8 @@ fn injected_sidecar(
     }
     // The kubelet's mounts: the root ConfigMap and the projected token.
     cmd.env("MESH_CA_ROOT", &pki.root)
-        .env("MESH_TOKEN_FILE", &pki.token);
+        .env("MESH_TOKEN_FILE", &pki.token)
+        .envs(extra_env.iter().map(|(k, v)| (k, v)));
     let probe = spec
         .containers
         .first()

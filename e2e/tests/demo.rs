@@ -265,6 +265,23 @@ async fn meshctl_demo_serves_bookinfo_and_takes_config_live() {
     );
     assert!(!status.contains("NACKED"), "{status}");
 
+    // What one proxy runs, read from its admin port.
+    let out = meshctl(&home, &["proxy-config", "routes", "productpage-v1"]);
+    let routes = text(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        routes.contains("reviews") && routes.contains("details"),
+        "{routes}"
+    );
+    let out = meshctl(
+        &home,
+        &["proxy-config", "clusters", "reviews-v2", "-o", "json"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let clusters: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(clusters["clusters"].is_array(), "{clusters}");
+    assert!(clusters.to_string().contains("ratings"), "{clusters}");
+
     // A second demo on the same gateway port says what is wrong.
     let other = home.join("other");
     let out = Command::new(binary("meshctl"))

@@ -97,6 +97,13 @@ pub struct Settings {
     pub rewrite_app_http_probes: bool,
     /// The namespace the control plane runs in: never injected.
     pub control_plane_namespace: String,
+    /// A Zipkin collector (`host:port`) for the sidecars' spans; empty:
+    /// no tracing.
+    pub zipkin_address: String,
+    /// Percentage of new traces sampled.
+    pub trace_sampling: f64,
+    /// Sidecar access logs: empty or `off`, `json`, `text`, or a template.
+    pub access_log: String,
 }
 
 impl Default for Settings {
@@ -116,6 +123,9 @@ impl Default for Settings {
             hold_application_until_proxy_starts: true,
             rewrite_app_http_probes: true,
             control_plane_namespace: "mesh-system".into(),
+            zipkin_address: String::new(),
+            trace_sampling: 1.0,
+            access_log: String::new(),
         }
     }
 }
@@ -605,6 +615,19 @@ fn proxy_container(
     ];
     if !settings.ca_address.is_empty() {
         env.push(value_env("MESH_CA_ADDR", settings.ca_address.clone()));
+    }
+    if !settings.zipkin_address.is_empty() {
+        env.push(value_env(
+            "MESH_ZIPKIN_ADDR",
+            settings.zipkin_address.clone(),
+        ));
+        env.push(value_env(
+            "MESH_TRACE_SAMPLING",
+            settings.trace_sampling.to_string(),
+        ));
+    }
+    if !settings.access_log.is_empty() && settings.access_log != "off" {
+        env.push(value_env("MESH_ACCESS_LOG", settings.access_log.clone()));
     }
     if !probers.is_empty() {
         env.push(value_env(

@@ -121,6 +121,7 @@ async fn demo(opts: Options, gateway: SocketAddr) -> Result<()> {
     })?;
 
     let mut proxies = Vec::new();
+    let mut admin = std::collections::BTreeMap::new();
     for (app, version, listener) in apps {
         let name = format!("{app}-{version}");
         let sidecar = proxy(
@@ -131,6 +132,9 @@ async fn demo(opts: Options, gateway: SocketAddr) -> Result<()> {
         )
         .await?;
         let explicit = sidecar.explicit;
+        if let Some(a) = sidecar.admin {
+            admin.insert(name.clone(), a.to_string());
+        }
         proxies.push(sidecar);
         let which = match app {
             "productpage" => App::Productpage,
@@ -151,7 +155,11 @@ async fn demo(opts: Options, gateway: SocketAddr) -> Result<()> {
     )
     .await?;
 
+    if let Some(a) = gw.admin {
+        admin.insert("ingressgateway".to_string(), a.to_string());
+    }
     let state = State {
+        admin,
         pid: std::process::id(),
         config: config.clone(),
         status: pilot.http_addr.to_string(),

@@ -25,6 +25,9 @@ pub struct State {
     pub xds: String,
     /// The ingress gateway (HOST:PORT).
     pub gateway: String,
+    /// Each proxy's admin address (HOST:PORT) by workload name.
+    #[serde(default)]
+    pub admin: std::collections::BTreeMap<String, String>,
 }
 
 /// `$MESH_HOME`, or `~/.mesh`.

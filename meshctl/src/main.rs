@@ -12,9 +12,11 @@ use mesh_api::convert::{Output, convert};
 mod cluster;
 mod dashboard;
 mod demo;
+mod describe;
 mod install;
 mod local;
 mod pilot;
+mod proxy_config;
 mod status;
 
 #[derive(Parser)]
@@ -165,6 +167,45 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
         output: Format,
     },
+    /// Show what one proxy runs: its routes, clusters, endpoints,
+    /// listeners or workload certificate.
+    ///
+    /// Reads the proxy's admin port (15000: `/config_dump`, `/certs`). In a
+    /// cluster, name the pod (`pod`, `pod.namespace` or `-n NS pod`): the
+    /// admin port listens on the pod's loopback, so meshctl reaches it
+    /// through a port-forward, as `kubectl port-forward` does. `--admin
+    /// HOST:PORT` reads any proxy directly. In the local mesh (`meshctl
+    /// demo`), name the workload (`productpage-v1`, `ingressgateway`).
+    ///
+    /// routes: per destination (host:port) each route's match and where it
+    /// sends requests (weighted clusters, redirect, direct response,
+    /// fault). clusters: subset, load balancing, TLS, endpoint count and
+    /// circuit breaker. endpoints: each endpoint with its cluster, workload,
+    /// locality and identity. listeners: inbound ports with their mTLS
+    /// mode, the inbound policy, gateway listeners. secret: the workload
+    /// certificate. all: each of these, titled. `-o json|yaml` prints that
+    /// part of the raw config instead.
+    #[command(alias = "pc")]
+    ProxyConfig {
+        #[arg(value_enum)]
+        section: proxy_config::Section,
+        /// The proxy's pod: `pod`, `pod.namespace` or `namespace/pod`
+        /// (optional with --admin).
+        target: Option<String>,
+        /// The pod's namespace (default: the kubeconfig context's).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = local::GetFormat::Table)]
+        output: local::GetFormat,
+        /// The proxy's admin address, HOST:PORT: read it directly.
+        #[arg(long, value_name = "HOST:PORT")]
+        admin: Option<String>,
+    },
+    /// Experimental commands.
+    X {
+        #[command(subcommand)]
+        command: Experimental,
+    },
     /// Install the mesh into the current kubeconfig context's cluster, or
     /// bring an installation in line with a profile and values.
     ///
@@ -255,6 +296,27 @@ struct Input {
         value_name = "FILE|DIR|-"
     )]
     files: Vec<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Experimental {
+    /// Explain a pod's place in the mesh, from the cluster's config.
+    ///
+    /// Whether it has a sidecar and its identity; per Service selecting it
+    /// and per port, the VirtualService that routes it (each route, and
+    /// whether any sends traffic to this pod) and the DestinationRule
+    /// subsets it belongs to; its effective mTLS mode and the
+    /// PeerAuthentication that sets it; the AuthorizationPolicies that
+    /// apply to it and why. Decided as pilot decides.
+    Describe {
+        #[arg(value_enum)]
+        what: describe::DescribeKind,
+        /// The pod: `pod`, `pod.namespace` or `namespace/pod`.
+        name: String,
+        /// The pod's namespace (default: the kubeconfig context's).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -398,6 +460,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 output,
                 &mut std::io::stdout().lock(),
             )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ProxyConfig {
+            section,
+            target,
+            namespace,
+            output,
+            admin,
+        } => {
+            proxy_config::run(
+                &proxy_config::Request {
+                    section,
+                    target: target.as_deref(),
+                    namespace: namespace.as_deref(),
+                    admin: admin.as_deref(),
+                    output,
+                },
+                &mut std::io::stdout().lock(),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::X {
+            command:
+                Experimental::Describe {
+                    what,
+                    name,
+                    namespace,
+                },
+        } => {
+            match what {
+                describe::DescribeKind::Pod => {
+                    describe::pod(&name, namespace.as_deref(), &mut std::io::stdout().lock())?
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::KubeInject {

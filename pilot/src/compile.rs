@@ -590,10 +590,7 @@ pub fn workload(inputs: &Inputs, node: &NodeInfo, mesh: &MeshSettings) -> Worklo
 }
 
 /// Whether an AuthorizationPolicy or RequestAuthentication in
-/// `policy_ns` applies to a workload, with Istio's scopes: its targetRefs
-/// when it has any (a Service selecting the workload, or a Gateway the
-/// proxy serves); else the root namespace covers every namespace and any
-/// other namespace itself, narrowed by the selector when there is one.
+/// `policy_ns` applies to a workload.
 fn security_policy_applies<'a>(
     inputs: &Inputs,
     node: &NodeInfo,
@@ -601,24 +598,78 @@ fn security_policy_applies<'a>(
     selector: Option<&WorkloadSelector>,
     target_refs: impl Iterator<Item = &'a PolicyTargetReference>,
 ) -> bool {
+    let target = PolicyTarget {
+        namespace: &node.namespace,
+        labels: &node.labels,
+        gateway: node.gateway,
+        gateways: &node.gateways,
+    };
+    security_policy_scope(
+        |ns| inputs.services_in(ns).map(|s| &**s).collect(),
+        &target,
+        policy_ns,
+        selector,
+        target_refs,
+    )
+    .is_some()
+}
+
+/// The proxy a security policy may apply to.
+pub struct PolicyTarget<'a> {
+    pub namespace: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    /// A gateway, serving `gateways` (`namespace/name`).
+    pub gateway: bool,
+    pub gateways: &'a [String],
+}
+
+/// Why a security policy applies to a proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyScope {
+    /// One of its targetRefs: a Service selecting the workload, or a
+    /// Gateway the proxy serves.
+    TargetRef {
+        kind: String,
+        namespace: String,
+        name: String,
+    },
+    /// It is in the root namespace (and its selector, if any, matches).
+    Mesh,
+    /// It is in the workload's namespace (and its selector, if any,
+    /// matches).
+    Namespace,
+}
+
+/// Whether an AuthorizationPolicy or RequestAuthentication in
+/// `policy_ns` applies to a proxy, with Istio's scopes: its targetRefs
+/// when it has any; else the root namespace covers every namespace and any
+/// other namespace itself, narrowed by the selector when there is one.
+/// `services_in(ns)` lists a namespace's Services.
+pub fn security_policy_scope<'a, 's>(
+    services_in: impl Fn(&str) -> Vec<&'s Service>,
+    target: &PolicyTarget<'_>,
+    policy_ns: &str,
+    selector: Option<&WorkloadSelector>,
+    target_refs: impl Iterator<Item = &'a PolicyTargetReference>,
+) -> Option<PolicyScope> {
     let mut targeted = false;
     for t in target_refs {
         targeted = true;
         let ns = t.namespace.as_deref().unwrap_or(policy_ns);
         let hit = match t.kind.as_str() {
             "Service" => {
-                ns == node.namespace
-                    && inputs.services_in(ns).any(|s| {
+                ns == target.namespace
+                    && services_in(ns).iter().any(|s| {
                         s.key.name == t.name
                             && s.selector.as_ref().is_some_and(|sel| {
                                 !sel.is_empty()
-                                    && sel.iter().all(|(k, v)| node.labels.get(k) == Some(v))
+                                    && sel.iter().all(|(k, v)| target.labels.get(k) == Some(v))
                             })
                     })
             }
             "Gateway" => {
-                node.gateway
-                    && node
+                target.gateway
+                    && target
                         .gateways
                         .iter()
                         .any(|g| *g == format!("{ns}/{}", t.name))
@@ -626,32 +677,75 @@ fn security_policy_applies<'a>(
             _ => false,
         };
         if hit {
-            return true;
+            return Some(PolicyScope::TargetRef {
+                kind: t.kind.clone(),
+                namespace: ns.to_string(),
+                name: t.name.clone(),
+            });
         }
     }
-    if targeted {
-        return false;
+    if targeted || !selector.is_none_or(|s| s.matches(target.labels)) {
+        return None;
     }
-    (policy_ns == ROOT_NAMESPACE || policy_ns == node.namespace)
-        && selector.is_none_or(|s| s.matches(&node.labels))
+    if policy_ns == target.namespace {
+        Some(PolicyScope::Namespace)
+    } else if policy_ns == ROOT_NAMESPACE {
+        Some(PolicyScope::Mesh)
+    } else {
+        None
+    }
 }
 
-/// The PeerAuthentication mode of a workload and its port-level modes: a
-/// policy selecting the workload, else its namespace's, else the mesh's
-/// (root namespace, no selector); an UNSET mode inherits from the next
-/// scope out. When several apply at one scope the first by name wins.
+/// The PeerAuthentication mode of a workload and its port-level modes.
 fn peer_authentication(
     inputs: &Inputs,
     namespace: &str,
     labels: &BTreeMap<String, String>,
 ) -> (MtlsMode, BTreeMap<u16, MtlsMode>) {
+    let policies = inputs
+        .config_of(Kind::PeerAuthentication)
+        .filter_map(|r| match &**r {
+            Resource::PeerAuthentication(pa) => Some(pa),
+            _ => None,
+        });
+    let e = effective_peer_authentication(policies, namespace, labels);
+    (e.mode, e.ports)
+}
+
+/// Where the PeerAuthentication that decides a workload's mode applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerAuthScope {
+    /// Its selector matches the workload.
+    Workload,
+    /// Its namespace's, without a selector.
+    Namespace,
+    /// The root namespace's, without a selector.
+    Mesh,
+}
+
+/// A workload's mTLS mode, per port, and the policy that decided it.
+pub struct EffectivePeerAuth<'a> {
+    pub mode: MtlsMode,
+    pub ports: BTreeMap<u16, MtlsMode>,
+    pub decided_by: Option<(&'a PeerAuthentication, PeerAuthScope)>,
+    /// The policy selecting the workload, if any (its port-level modes
+    /// apply even when the mode comes from further out).
+    pub workload_policy: Option<&'a PeerAuthentication>,
+}
+
+/// A policy selecting the workload, else its namespace's, else the
+/// mesh's (root namespace, no selector); an UNSET mode inherits from the
+/// next scope out. When several apply at one scope the first in
+/// `policies` wins (pilot passes them by name).
+pub fn effective_peer_authentication<'a>(
+    policies: impl Iterator<Item = &'a PeerAuthentication>,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> EffectivePeerAuth<'a> {
     let mut workload: Option<&PeerAuthentication> = None;
     let mut ns_wide: Option<&PeerAuthentication> = None;
     let mut mesh_wide: Option<&PeerAuthentication> = None;
-    for r in inputs.config_of(Kind::PeerAuthentication) {
-        let Resource::PeerAuthentication(pa) = &**r else {
-            continue;
-        };
+    for pa in policies {
         let ns = pa.metadata.namespace.as_deref().unwrap_or("default");
         let slot = match &pa.spec.selector {
             Some(sel) if ns == namespace && sel.matches(labels) => &mut workload,
@@ -669,11 +763,17 @@ fn peer_authentication(
         pa.and_then(|p| p.spec.mtls.as_ref())
             .map_or(MtlsMode::Unset, |m| m.mode)
     };
-    let mode = [workload, ns_wide, mesh_wide]
-        .into_iter()
-        .map(mode_of)
-        .find(|m| *m != MtlsMode::Unset)
-        .unwrap_or(MtlsMode::Unset);
+    let decided_by = [
+        (workload, PeerAuthScope::Workload),
+        (ns_wide, PeerAuthScope::Namespace),
+        (mesh_wide, PeerAuthScope::Mesh),
+    ]
+    .into_iter()
+    .find_map(|(pa, scope)| {
+        let pa = pa?;
+        (mode_of(Some(pa)) != MtlsMode::Unset).then_some((pa, scope))
+    });
+    let mode = decided_by.map_or(MtlsMode::Unset, |(pa, _)| mode_of(Some(pa)));
     let ports = workload
         .map(|pa| {
             pa.spec
@@ -691,7 +791,12 @@ fn peer_authentication(
                 .collect()
         })
         .unwrap_or_default();
-    (mode, ports)
+    EffectivePeerAuth {
+        mode,
+        ports,
+        decided_by,
+        workload_policy: workload,
+    }
 }
 
 /// The listeners of the Gateways that select a gateway proxy (or that it

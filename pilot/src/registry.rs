@@ -275,7 +275,10 @@ impl Inputs {
     }
 
     /// Services of one namespace.
-    pub fn services_in<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = &'a Arc<Service>> {
+    pub fn services_in<'a, 'n>(
+        &'a self,
+        ns: &'n str,
+    ) -> impl Iterator<Item = &'a Arc<Service>> + use<'a, 'n> {
         self.services
             .range(ObjectKey::new(ns, "")..)
             .take_while(move |(k, _)| k.namespace == ns)

@@ -14,6 +14,16 @@ pub trait OnEnd: Send + Sync {
     fn on_end(&mut self, bytes: u64, completed: bool);
 }
 
+/// Two end hooks, in order.
+struct Both(Box<dyn OnEnd>, Box<dyn OnEnd>);
+
+impl OnEnd for Both {
+    fn on_end(&mut self, bytes: u64, completed: bool) {
+        self.0.on_end(bytes, completed);
+        self.1.on_end(bytes, completed);
+    }
+}
+
 pub enum Body {
     Empty,
     Full(Option<Bytes>),
@@ -76,6 +86,29 @@ impl Body {
             done: false,
             on_end: None,
         }
+    }
+
+    /// This body, with `extra` called too when it ends: at the end of a
+    /// stream, or at once for a body held in memory.
+    pub fn on_end(mut self, mut extra: Box<dyn OnEnd>) -> Body {
+        match &mut self {
+            Body::Stream {
+                on_end,
+                done: false,
+                ..
+            } => {
+                *on_end = Some(match on_end.take() {
+                    Some(first) => Box::new(Both(first, extra)),
+                    None => extra,
+                });
+            }
+            Body::Stream { bytes, .. } => extra.on_end(*bytes, true),
+            Body::Empty => extra.on_end(0, true),
+            Body::Full(data) | Body::WithTrailers { data, .. } => {
+                extra.on_end(data.as_ref().map_or(0, |d| d.len() as u64), true)
+            }
+        }
+        self
     }
 
     /// Buffered data and trailers.

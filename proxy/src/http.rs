@@ -32,6 +32,7 @@ use crate::routing::RequestView;
 use crate::state::{
     Abort, Action, Backend, Destination, Route, Snapshot, UriRewrite, split_authority,
 };
+use crate::telemetry;
 use crate::{Proxy, ratelimit};
 use mesh_api::model::OutboundPolicy;
 
@@ -80,6 +81,7 @@ fn generated(reason: Reason) -> Response<Body> {
     let h = resp.headers_mut();
     h.insert(REASON_HEADER, reason.header_value());
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp.extensions_mut().insert(reason);
     resp
 }
 
@@ -93,6 +95,7 @@ fn grpc_generated(reason: Reason, code: u32) -> Response<Body> {
     h.insert("grpc-status", HeaderValue::from(code));
     h.insert("grpc-message", HeaderValue::from_static(reason.as_str()));
     h.insert(REASON_HEADER, reason.header_value());
+    resp.extensions_mut().insert(reason);
     resp
 }
 
@@ -207,11 +210,27 @@ pub async fn serve(
     if !matches!(conn.entry, Entry::Outbound(_)) {
         client_cert_header(&snap, &conn, req.headers_mut());
     }
-    if let Err(refused) = admit(&proxy, &snap, &conn, &mut req).await {
+    let pending = proxy.telemetry.begin(
+        &mut req,
+        match conn.entry {
+            Entry::Inbound(_) => telemetry::Kind::Server,
+            _ => telemetry::Kind::Client,
+        },
+        &snap.workload.service_name,
+        conn.peer,
+        conn.peer_identity.as_ref(),
+    );
+    if let Err(mut refused) = admit(&proxy, &snap, &conn, &mut req).await {
+        if let Some(p) = pending {
+            telemetry::finish_with(p, &mut refused);
+        }
         return Ok(refused);
     }
     let start = Instant::now();
     let mut resp = handle(&proxy, &snap, &conn, req, start, true).await;
+    if let Some(p) = pending {
+        telemetry::finish_with(p, &mut resp);
+    }
     if proxy.draining.load(Ordering::Relaxed) && resp.version() != Version::HTTP_2 {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -322,11 +341,13 @@ async fn admit(
     if let Some(p) = &decision.denied_by {
         proxy.metrics.authz("denied", p);
         tracing::debug!(policy = %p, path = req.uri().path(), "request denied");
-        return Err(if is_grpc(req.headers()) {
+        let mut resp = if is_grpc(req.headers()) {
             grpc_generated(Reason::Denied, 7)
         } else {
             generated(Reason::Denied)
-        });
+        };
+        resp.extensions_mut().insert(telemetry::DeniedBy(p.clone()));
+        return Err(resp);
     }
     Ok(())
 }
@@ -946,7 +967,7 @@ async fn forward(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers, upgrade);
     if !headers.contains_key("x-request-id") {
-        headers.insert("x-request-id", request_id());
+        headers.insert("x-request-id", telemetry::request_id());
     }
     if !headers.contains_key(header::HOST)
         && let Some(a) = parts.uri.authority()
@@ -1164,6 +1185,10 @@ async fn forward(
                 let mut resp = Response::new(Body::stream_with(rbody, Box::new(end)));
                 *resp.status_mut() = rparts.status;
                 *resp.headers_mut() = headers;
+                resp.extensions_mut().insert(telemetry::Upstream {
+                    host: Some(ep.addr),
+                    cluster: Some(cluster.name.clone()),
+                });
                 return resp;
             }
             Err(reason) => reason,
@@ -1339,19 +1364,4 @@ fn splice_upgrade(downstream: Option<hyper::upgrade::OnUpgrade>, resp: &mut Resp
         let mut up = hyper_util::rt::TokioIo::new(up);
         let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
     });
-}
-
-/// A random x-request-id (UUID v4 form).
-fn request_id() -> HeaderValue {
-    let a = fastrand::u64(..);
-    let b = fastrand::u64(..);
-    let s = format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0x0fff,
-        ((b >> 48) & 0x3fff) | 0x8000,
-        b & 0xffff_ffff_ffff
-    );
-    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }

@@ -25,6 +25,7 @@ pub mod routing;
 pub mod server;
 pub mod state;
 pub mod tcp;
+pub mod telemetry;
 pub mod tls;
 pub mod xds;
 
@@ -57,6 +58,8 @@ pub struct Proxy {
     /// The workload certificate from the mesh's CA, when one is configured,
     /// and the mTLS built on it.
     pub tls: Arc<tls::MeshTls>,
+    /// Tracing and access logs (off by default).
+    pub telemetry: telemetry::Telemetry,
 }
 
 impl Proxy {

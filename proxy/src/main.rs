@@ -119,6 +119,24 @@ struct RunArgs {
     /// cannot do 1.3 (1.3 is still chosen when both can). Off: 1.3 only.
     #[arg(long, env = "MESH_TLS12")]
     mesh_tls12: bool,
+    /// Percentage of new traces sampled (a caller's decision, in
+    /// traceparent or B3 headers, is kept).
+    #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = 1.0)]
+    trace_sampling: f64,
+    /// A Zipkin v2 collector (`host:port` or `http://host:port/api/v2/spans`):
+    /// turns on tracing.
+    #[arg(long, env = "MESH_ZIPKIN_ADDR", value_parser = mesh_proxy::telemetry::Collector::parse_zipkin, conflicts_with = "otlp_addr")]
+    zipkin_addr: Option<mesh_proxy::telemetry::Collector>,
+    /// An OTLP/HTTP collector (`host:port` or `http://host:port/v1/traces`,
+    /// JSON): turns on tracing.
+    #[arg(long, env = "MESH_OTLP_ADDR", value_parser = mesh_proxy::telemetry::Collector::parse_otlp)]
+    otlp_addr: Option<mesh_proxy::telemetry::Collector>,
+    /// Access logs on stdout: `off`, `json`, `text`, or a template of
+    /// `%field%`s (start_time, method, authority, path, status, reason,
+    /// response_flags, denied_by, duration_ms, bytes_sent, upstream_host,
+    /// request_id, trace_id, …).
+    #[arg(long, env = "MESH_ACCESS_LOG", default_value = "off", value_parser = parse_access_log)]
+    access_log: AccessLog,
     /// The app's HTTP probes, rewritten to `/app-health/…` on the metrics
     /// port (JSON, written by the injector).
     #[arg(long, env = "MESH_APP_PROBERS", hide_env_values = true)]
@@ -170,6 +188,17 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+/// `--access-log`: off, or a format.
+#[derive(Clone)]
+struct AccessLog(Option<mesh_proxy::telemetry::LogFormat>);
+
+fn parse_access_log(s: &str) -> Result<AccessLog, String> {
+    match s {
+        "" | "off" => Ok(AccessLog(None)),
+        other => mesh_proxy::telemetry::LogFormat::parse(other).map(|f| AccessLog(Some(f))),
     }
 }
 
@@ -268,6 +297,13 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let mut proxy = Proxy::new(args.gateway_names.clone());
         proxy.app_probers = app_probers;
+        proxy.telemetry =
+            mesh_proxy::telemetry::Telemetry::start(mesh_proxy::telemetry::Settings {
+                sampling: args.trace_sampling,
+                collector: args.zipkin_addr.clone().or(args.otlp_addr.clone()),
+                access_log: args.access_log.0.clone(),
+                ..Default::default()
+            });
         if args.mesh_tls12 {
             proxy.tls = Arc::new(mesh_proxy::tls::MeshTls::with_tls12(
                 proxy.tls.certs.clone(),

@@ -267,6 +267,8 @@ pub struct WorkloadMeta {
     pub version: Arc<str>,
     pub principal: Arc<str>,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// `<app>.<namespace>`: the service name of this proxy's spans.
+    pub service_name: Arc<str>,
 }
 
 /// One compiled config.
@@ -804,6 +806,11 @@ pub fn compile(
             format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account).into()
         },
         labels: w.labels.clone(),
+        service_name: Arc::from(""),
+    };
+    let workload = WorkloadMeta {
+        service_name: format!("{}.{}", workload.app, workload.namespace).into(),
+        ..workload
     };
     let inbound_limits = crate::cluster::Limits::from_model(cfg.inbound.connection_pool.as_ref());
     let authz = crate::authz::Authz::new(&cfg.inbound.authorization)

@@ -368,6 +368,9 @@ fn injector_settings(values: &Values) -> Value {
         proxy_memory_limit: r.limits.memory.clone(),
         log_level: values.proxy.log_level.clone(),
         control_plane_namespace: NAMESPACE.into(),
+        zipkin_address: values.zipkin_address(),
+        trace_sampling: values.telemetry.tracing.sampling,
+        access_log: values.telemetry.access_log.clone(),
         ..Default::default()
     };
     let text = serde_yaml::to_string(&settings).expect("settings serialize");
@@ -419,6 +422,18 @@ fn gateway(doc: &mut Value, gw: &Gateway, values: &Values) {
             c["resources"] = resources(&gw.resources);
             set_env(c, "MESH_TRUST_DOMAIN", &values.trust_domain);
             set_env(c, "MESH_LOG", &values.proxy.log_level);
+            let zipkin = values.zipkin_address();
+            if !zipkin.is_empty() {
+                set_env(c, "MESH_ZIPKIN_ADDR", &zipkin);
+                set_env(
+                    c,
+                    "MESH_TRACE_SAMPLING",
+                    &values.telemetry.tracing.sampling.to_string(),
+                );
+            }
+            if values.telemetry.access_log != "off" {
+                set_env(c, "MESH_ACCESS_LOG", &values.telemetry.access_log);
+            }
         }
         Some("Service") => {
             doc["spec"]["type"] = gw.service_type.clone().into();

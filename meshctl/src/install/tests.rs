@@ -699,6 +699,25 @@ fn set_errors_name_the_key_and_what_is_allowed() {
         "egressGateway.nodePorts.http: a ClusterIP Service has no node ports"
     );
     assert_eq!(
+        err(&["telemetry.tracing.sampling=150"]),
+        "telemetry.tracing.sampling: 150 is not a percentage (0 to 100)"
+    );
+    assert_eq!(
+        err(&["telemetry.accessLog=yaml"]),
+        "telemetry.accessLog: \"yaml\" is not off, json, text or a %field% template"
+    );
+    assert_eq!(
+        Values::with_sets(
+            Profile::Default,
+            &["telemetry.tracing.sampling=0.5".to_string()]
+        )
+        .unwrap()
+        .telemetry
+        .tracing
+        .sampling,
+        0.5
+    );
+    assert_eq!(
         err(&["pilot=1"]),
         "--set pilot: is a group of keys; name one of its keys"
     );
@@ -746,6 +765,42 @@ fn profiles_render_what_they_promise() {
     ] {
         assert!(demo.contains(&k.to_string()), "{k} in {demo:#?}");
     }
+    // The demo's sidecars and gateways trace everything to Jaeger and log
+    // every request.
+    let demo_objects = render::render(&values(Profile::Demo, &[]), &material, 30);
+    let settings = demo_objects
+        .iter()
+        .find(|o| o.kind() == "ConfigMap" && o.name() == "mesh-injector")
+        .unwrap();
+    let s: mesh_injector::Settings =
+        serde_yaml::from_str(settings.value["data"]["settings.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(s.zipkin_address, "zipkin.mesh-system:9411");
+    assert_eq!(s.trace_sampling, 100.0);
+    assert_eq!(s.access_log, "json");
+    let gw = demo_objects
+        .iter()
+        .find(|o| o.kind() == "Deployment" && o.name() == "mesh-ingressgateway")
+        .unwrap();
+    let env = gw.value["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "MESH_ACCESS_LOG" && e["value"] == "json")
+    );
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "MESH_TRACE_SAMPLING" && e["value"] == "100")
+    );
+    let default_settings = render::render(&values(Profile::Default, &[]), &material, 30);
+    let gw = default_settings
+        .iter()
+        .find(|o| o.kind() == "Deployment" && o.name() == "mesh-ingressgateway")
+        .unwrap();
+    assert!(
+        !gw.value.to_string().contains("MESH_ACCESS_LOG"),
+        "off by default"
+    );
     let no_grafana = kinds(Profile::Demo, &["addons.grafana.enabled=false"]);
     assert!(!no_grafana.iter().any(|k| k.contains("grafana")));
 

@@ -48,6 +48,8 @@ pub struct Values {
     pub egress_gateway: Gateway,
     /// The sidecars the injector adds.
     pub proxy: Proxy,
+    /// Tracing and access logs of sidecars and gateways.
+    pub telemetry: Telemetry,
     pub addons: Addons,
 }
 
@@ -102,6 +104,24 @@ pub struct Proxy {
     pub image: String,
     pub resources: Resources,
     pub log_level: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Telemetry {
+    /// `off`, `json`, `text`, or a `%field%` template.
+    pub access_log: String,
+    pub tracing: Tracing,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tracing {
+    /// Percentage of new traces sampled.
+    pub sampling: f64,
+    /// A Zipkin collector (`host:port`); empty: the Jaeger addon's when it
+    /// is enabled, else no tracing.
+    pub zipkin_address: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -203,6 +223,13 @@ impl Values {
                 resources: small("10m", "32Mi", "2", "256Mi"),
                 log_level: "info".into(),
             },
+            telemetry: Telemetry {
+                access_log: if demo { "json" } else { "off" }.into(),
+                tracing: Tracing {
+                    sampling: if demo { 100.0 } else { 1.0 },
+                    zipkin_address: String::new(),
+                },
+            },
             addons: Addons {
                 prometheus: Addon { enabled: demo },
                 grafana: Addon { enabled: demo },
@@ -224,6 +251,18 @@ impl Values {
         let values: Values = serde_json::from_value(tree).map_err(|e| e.to_string())?;
         values.check()?;
         Ok(values)
+    }
+
+    /// Where spans go: the set address, else the Jaeger addon's.
+    pub fn zipkin_address(&self) -> String {
+        match (
+            &self.telemetry.tracing.zipkin_address,
+            self.addons.jaeger.enabled,
+        ) {
+            (a, _) if !a.is_empty() => a.clone(),
+            (_, true) => "zipkin.mesh-system:9411".into(),
+            _ => String::new(),
+        }
     }
 
     /// The image of `name` (pilot, injector, proxy, …).
@@ -266,6 +305,18 @@ impl Values {
             &self.proxy.log_level,
             &["trace", "debug", "info", "warn", "error", "off"],
         )?;
+        let sampling = self.telemetry.tracing.sampling;
+        if !(0.0..=100.0).contains(&sampling) {
+            return Err(format!(
+                "telemetry.tracing.sampling: {sampling} is not a percentage (0 to 100)"
+            ));
+        }
+        let log = &self.telemetry.access_log;
+        if !matches!(log.as_str(), "off" | "json" | "text") && !log.contains('%') {
+            return Err(format!(
+                "telemetry.accessLog: {log:?} is not off, json, text or a %field% template"
+            ));
+        }
         if self.hub.is_empty() || self.tag.is_empty() {
             return Err("hub and tag must not be empty".into());
         }
@@ -400,6 +451,12 @@ fn set_path(tree: &mut Value, key: &str, raw: &str) -> Result<(), String> {
             "false" => Value::Bool(false),
             _ => return Err(format!("expected true or false, got {raw:?}")),
         },
+        Value::Number(n) if n.is_f64() => raw
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite())
+            .map(Value::from)
+            .ok_or_else(|| format!("expected a number, got {raw:?}"))?,
         Value::Number(_) => raw
             .parse::<i64>()
             .map(Value::from)

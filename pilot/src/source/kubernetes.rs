@@ -23,7 +23,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::{Api, DynamicObject};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use mesh_api::Kind;
@@ -78,14 +78,7 @@ impl Source for Kubernetes {
             Update::Slice(Box::new(e))
         });
         for kind in CONFIG_KINDS {
-            let (group, version) = kind.api_version().split_once('/').unwrap_or_default();
-            let ar = ApiResource {
-                group: group.into(),
-                version: version.into(),
-                api_version: kind.api_version().into(),
-                kind: kind.name().into(),
-                plural: kind.plural().into(),
-            };
+            let ar = kind.api_resource();
             watch(
                 &mut watchers,
                 Api::<DynamicObject>::all_with(c.clone(), &ar),
