@@ -143,8 +143,13 @@ async fn mesh_wide_strict_mtls_leaves_bookinfo_working() {
                     && l.contains("connection_security_policy=\"mutual_tls\"")
                     && l.contains(
                         "source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\""
-                    )),
-            "ratings saw reviews over mTLS:\n{metrics}"
+                    )
+                    // The caller's workload, as its sidecar announced it.
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains("source_workload=\"reviews-v2\"")
+                    && l.contains("source_app=\"reviews\"")
+                    && l.contains("source_version=\"v2\"")),
+            "ratings saw reviews v2 over mTLS:\n{metrics}"
         );
     }
 }

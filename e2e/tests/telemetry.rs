@@ -203,6 +203,25 @@ async fn one_request_is_one_trace_across_every_service() {
             to_reviews["id"]
         );
     }
+    // The proxy's own account of its spans, and its certificate's expiry
+    // (sidecar metrics ports are published in the namespace variant).
+    if namespaced {
+        let metrics = m.sidecar_metrics("productpage-v1").await.expect("metrics");
+        let value = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
+        };
+        assert!(value("mesh_proxy_spans_total{outcome=\"exported\"}") >= 2.0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(value("mesh_proxy_certificate_expiry_timestamp_seconds") > now);
+    }
     drop(m);
 }
 

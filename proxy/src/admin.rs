@@ -56,6 +56,8 @@ pub async fn handle(
     let path = req.uri().path();
     match (port, req.method(), path) {
         (Port::Metrics, &Method::GET, "/stats/prometheus" | "/metrics") => {
+            let expiry = proxy.tls.certs.current().map_or(0, |c| c.not_after);
+            proxy.metrics.cert_expiry.set(expiry as f64);
             let mut r = text(StatusCode::OK, proxy.metrics.render());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -25,7 +25,7 @@ use hyper::body::Incoming;
 use crate::body::{Body, OnEnd};
 use crate::cluster::{Cluster, ClusterState, EndpointState, HashKey, Outcome};
 use crate::framing::Verdict;
-use crate::metrics::{Peer, Reporter, RequestLabels};
+use crate::metrics::{PEER_HEADER, Peer, Reporter, RequestLabels};
 use crate::pool::{self, Conn};
 use crate::reason::{REASON_HEADER, Reason};
 use crate::routing::RequestView;
@@ -969,6 +969,34 @@ async fn forward(
     if !headers.contains_key("x-request-id") {
         headers.insert("x-request-id", telemetry::request_id());
     }
+    // Who is calling, for the server sidecar's metrics: announced to mesh
+    // workloads only, taken (and removed) from mTLS callers.
+    let caller = match reporter {
+        Reporter::Source => {
+            match &snap.workload.peer_header {
+                Some(v)
+                    if cluster
+                        .endpoint_meta
+                        .first()
+                        .is_some_and(|m| !m.workload.is_empty()) =>
+                {
+                    headers.insert(PEER_HEADER, v.clone());
+                }
+                _ => {
+                    headers.remove(PEER_HEADER);
+                }
+            }
+            None
+        }
+        Reporter::Destination => {
+            let announced = headers.remove(PEER_HEADER);
+            Some(
+                proxy
+                    .metrics
+                    .caller(announced.as_ref(), conn.peer_identity.as_ref()),
+            )
+        }
+    };
     if !headers.contains_key(header::HOST)
         && let Some(a) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
@@ -1064,7 +1092,9 @@ async fn forward(
                         .map_or_else(Peer::unknown, Peer::from_endpoint),
                 ),
                 Reporter::Destination => (
-                    Peer::from_identity(conn.peer_identity.as_ref()),
+                    caller
+                        .clone()
+                        .unwrap_or_else(|| Peer::from_identity(conn.peer_identity.as_ref())),
                     Peer::from_workload(&snap.workload),
                 ),
             };

@@ -297,13 +297,15 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let mut proxy = Proxy::new(args.gateway_names.clone());
         proxy.app_probers = app_probers;
-        proxy.telemetry =
-            mesh_proxy::telemetry::Telemetry::start(mesh_proxy::telemetry::Settings {
+        proxy.telemetry = mesh_proxy::telemetry::Telemetry::start(
+            mesh_proxy::telemetry::Settings {
                 sampling: args.trace_sampling,
                 collector: args.zipkin_addr.clone().or(args.otlp_addr.clone()),
                 access_log: args.access_log.0.clone(),
                 ..Default::default()
-            });
+            },
+            &proxy.metrics,
+        );
         if args.mesh_tls12 {
             proxy.tls = Arc::new(mesh_proxy::tls::MeshTls::with_tls12(
                 proxy.tls.certs.clone(),

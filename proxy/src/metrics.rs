@@ -103,6 +103,15 @@ impl Peer {
         }
     }
 
+    /// The `x-mesh-peer` value announcing `w`.
+    pub fn header_value(w: &WorkloadMeta) -> http::HeaderValue {
+        http::HeaderValue::from_str(&format!(
+            "{},{},{},{}",
+            w.name, w.namespace, w.app, w.version
+        ))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("unknown,unknown,unknown,unknown"))
+    }
+
     pub fn from_workload(w: &WorkloadMeta) -> Peer {
         Peer {
             workload: w.name.clone(),
@@ -166,6 +175,43 @@ pub struct Metrics {
     /// Inbound connections refused by mTLS: plaintext under STRICT, failed
     /// handshakes, peers of another trust domain.
     pub mtls_refused: Counter,
+    /// When the workload certificate expires (Unix seconds; 0 without
+    /// one), set at each scrape.
+    pub cert_expiry: Gauge,
+    /// Callers' workload metadata by `x-mesh-peer` value (bounded).
+    peers: Mutex<HashMap<Box<[u8]>, Peer>>,
+}
+
+/// The request header a client sidecar tells the server sidecar its
+/// workload with: `name,namespace,app,version`. The server trusts it only
+/// over mTLS and when its namespace is the peer certificate's, and removes
+/// it before the app sees the request.
+pub const PEER_HEADER: &str = "x-mesh-peer";
+
+/// How many distinct callers' metadata are remembered.
+const PEER_CACHE: usize = 4096;
+
+/// `name,namespace,app,version`, each a label value (letters, digits,
+/// `-`, `_`, `.`; at most 63 bytes).
+fn parse_peer(raw: &[u8]) -> Option<Peer> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let mut parts = text.split(',');
+    let mut next = || -> Option<Arc<str>> {
+        let v = parts.next()?;
+        let ok = !v.is_empty()
+            && v.len() <= 63
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        ok.then(|| Arc::from(v))
+    };
+    let p = Peer {
+        workload: next()?,
+        namespace: next()?,
+        app: next()?,
+        version: next()?,
+        principal: Peer::unknown().principal,
+    };
+    parts.next().is_none().then_some(p)
 }
 
 fn peer_labels(prefix: &'static str, p: &Peer, out: &mut Vec<Label>) {
@@ -279,10 +325,48 @@ impl Metrics {
             downstream_connections: gauge("mesh_proxy_downstream_connections"),
             xds_connected: gauge("mesh_proxy_xds_connected"),
             mtls_refused: counter("mesh_proxy_mtls_refused_total"),
+            cert_expiry: gauge("mesh_proxy_certificate_expiry_timestamp_seconds"),
             recorder,
             handle,
             requests: Mutex::new(HashMap::new()),
             tcp: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The caller of an inbound request: its verified identity, and the
+    /// workload metadata it announced in `x-mesh-peer` when that agrees
+    /// with the identity (same namespace). Parsed once per distinct value.
+    pub fn caller(
+        &self,
+        announced: Option<&http::HeaderValue>,
+        identity: Option<&Arc<str>>,
+    ) -> Peer {
+        let verified = Peer::from_identity(identity);
+        let (Some(raw), Some(_)) = (announced, identity) else {
+            return verified;
+        };
+        let mut cache = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let announced = match cache.get(raw.as_bytes()) {
+            Some(p) => p.clone(),
+            None => {
+                let Some(p) = parse_peer(raw.as_bytes()) else {
+                    return verified;
+                };
+                if cache.len() >= PEER_CACHE {
+                    cache.clear();
+                }
+                cache.insert(raw.as_bytes().into(), p.clone());
+                p
+            }
+        };
+        drop(cache);
+        if announced.namespace != verified.namespace {
+            return verified;
+        }
+        Peer {
+            principal: verified.principal,
+            ..announced
         }
     }
 
@@ -298,6 +382,13 @@ impl Metrics {
             ],
         );
         self.recorder.register_counter(&key, &META).increment(1);
+    }
+
+    /// A counter of the proxy's own, with labels.
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, *v)).collect();
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &META)
     }
 
     /// Prometheus text exposition.
@@ -390,5 +481,44 @@ impl Metrics {
         });
         map.insert(l.clone(), h.clone());
         h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_is_known_by_what_it_announces_over_mtls_in_its_own_namespace() {
+        let m = Metrics::default();
+        let id: Arc<str> = "spiffe://cluster.local/ns/shop/sa/cart".into();
+        let v = http::HeaderValue::from_static("cart-v2-7f9c,shop,cart,v2");
+        let p = m.caller(Some(&v), Some(&id));
+        assert_eq!(&*p.workload, "cart-v2-7f9c");
+        assert_eq!(&*p.namespace, "shop");
+        assert_eq!(&*p.app, "cart");
+        assert_eq!(&*p.version, "v2");
+        assert_eq!(p.principal, id);
+        // Again, from the cache.
+        assert_eq!(m.caller(Some(&v), Some(&id)), p);
+
+        // Without mTLS, or claiming another namespace, only the identity counts.
+        let plain = m.caller(Some(&v), None);
+        assert_eq!(&*plain.workload, "unknown");
+        let other: Arc<str> = "spiffe://cluster.local/ns/payments/sa/cart".into();
+        let spoofed = m.caller(Some(&v), Some(&other));
+        assert_eq!(&*spoofed.workload, "unknown");
+        assert_eq!(&*spoofed.namespace, "payments");
+        // Malformed values are ignored.
+        for bad in [
+            "cart,shop,cart",
+            "cart,shop,cart,v2,extra",
+            "cart,shop,,v2",
+            "cart,shop,cart,v2 ",
+            "cart\"},shop,cart,v2",
+        ] {
+            let v = http::HeaderValue::from_str(bad).unwrap();
+            assert_eq!(&*m.caller(Some(&v), Some(&id)).workload, "unknown", "{bad}");
+        }
     }
 }

@@ -269,6 +269,9 @@ pub struct WorkloadMeta {
     pub labels: std::collections::BTreeMap<String, String>,
     /// `<app>.<namespace>`: the service name of this proxy's spans.
     pub service_name: Arc<str>,
+    /// What this proxy tells server sidecars about its workload
+    /// (`x-mesh-peer`).
+    pub peer_header: Option<http::HeaderValue>,
 }
 
 /// One compiled config.
@@ -807,9 +810,11 @@ pub fn compile(
         },
         labels: w.labels.clone(),
         service_name: Arc::from(""),
+        peer_header: None,
     };
     let workload = WorkloadMeta {
         service_name: format!("{}.{}", workload.app, workload.namespace).into(),
+        peer_header: Some(crate::metrics::Peer::header_value(&workload)),
         ..workload
     };
     let inbound_limits = crate::cluster::Limits::from_model(cfg.inbound.connection_pool.as_ref());

@@ -21,11 +21,11 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Version};
+use metrics::Counter;
 use serde_json::{Map, Value, json};
 
 use crate::body::{Body, OnEnd};
@@ -166,13 +166,26 @@ impl Default for Settings {
     }
 }
 
-/// Counters of what was dropped rather than let a request wait.
-#[derive(Default)]
+/// What happened to spans and log lines: `mesh_proxy_spans_total{outcome}`
+/// (exported, dropped: the queue was full, failed: the collector did not
+/// take them) and `mesh_proxy_access_log_dropped_total`.
 pub struct Drops {
-    pub spans: AtomicU64,
-    pub logs: AtomicU64,
-    pub exported: AtomicU64,
-    pub export_failures: AtomicU64,
+    pub spans: Counter,
+    pub logs: Counter,
+    pub exported: Counter,
+    pub export_failures: Counter,
+}
+
+impl Drops {
+    pub fn registered(m: &crate::metrics::Metrics) -> Drops {
+        let spans = |outcome| m.counter("mesh_proxy_spans_total", &[("outcome", outcome)]);
+        Drops {
+            spans: spans("dropped"),
+            exported: spans("exported"),
+            export_failures: spans("failed"),
+            logs: m.counter("mesh_proxy_access_log_dropped_total", &[]),
+        }
+    }
 }
 
 struct Sinks {
@@ -186,7 +199,6 @@ struct Sinks {
 #[derive(Default)]
 pub struct Telemetry {
     sinks: Option<Arc<Sinks>>,
-    pub drops: Arc<Drops>,
 }
 
 const QUEUE: usize = 4096;
@@ -194,9 +206,9 @@ const BATCH: usize = 256;
 
 impl Telemetry {
     /// Starts the exporter (on the current tokio runtime) and the log
-    /// writer as configured.
-    pub fn start(settings: Settings) -> Telemetry {
-        let drops = Arc::new(Drops::default());
+    /// writer as configured; their counters go to `metrics`.
+    pub fn start(settings: Settings, metrics: &crate::metrics::Metrics) -> Telemetry {
+        let drops = Arc::new(Drops::registered(metrics));
         let spans = settings.collector.clone().map(|c| {
             let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
             tokio::spawn(export(c, rx, settings.flush, drops.clone()));
@@ -230,7 +242,7 @@ impl Telemetry {
                 drops: drops.clone(),
             })
         });
-        Telemetry { sinks, drops }
+        Telemetry { sinks }
     }
 
     /// Reads and rewrites the request's trace headers, makes sure it has an
@@ -387,7 +399,7 @@ impl Pending {
         if let Some((tx, format)) = &self.sinks.logs {
             let line = self.log_line(format, head, bytes_sent, duration);
             if tx.try_send(line).is_err() {
-                self.sinks.drops.logs.fetch_add(1, Ordering::Relaxed);
+                self.sinks.drops.logs.increment(1);
             }
         }
         if let (Some(tx), Some(trace)) = (&self.sinks.spans, &self.trace)
@@ -406,7 +418,7 @@ impl Pending {
                 error: head.status >= 500 || !completed,
             };
             if tx.try_send(span).is_err() {
-                self.sinks.drops.spans.fetch_add(1, Ordering::Relaxed);
+                self.sinks.drops.spans.increment(1);
             }
         }
     }
@@ -866,14 +878,14 @@ async fn export(
         batch.clear();
         match tokio::time::timeout(Duration::from_secs(5), post(endpoint, body.to_string())).await {
             Ok(Ok(())) => {
-                drops.exported.fetch_add(n, Ordering::Relaxed);
+                drops.exported.increment(n);
             }
             Ok(Err(e)) => {
-                drops.export_failures.fetch_add(n, Ordering::Relaxed);
+                drops.export_failures.increment(n);
                 tracing::debug!(collector = %endpoint.authority, error = %e, "span export failed");
             }
             Err(_) => {
-                drops.export_failures.fetch_add(n, Ordering::Relaxed);
+                drops.export_failures.increment(n);
                 tracing::debug!(collector = %endpoint.authority, "span export timed out");
             }
         }

@@ -149,12 +149,9 @@ fn pending(kind: Kind, format: LogFormat) -> (Box<Pending>, std::sync::mpsc::Rec
         sampling: 100.0,
         spans: None,
         logs: Some((tx, format)),
-        drops: Arc::default(),
+        drops: Arc::new(Drops::registered(&crate::metrics::Metrics::new())),
     });
-    let t = Telemetry {
-        sinks: Some(sinks),
-        drops: Arc::default(),
-    };
+    let t = Telemetry { sinks: Some(sinks) };
     let mut req = Request::get("/reviews/1?x=1")
         .header("host", "reviews:9080")
         .header("user-agent", "curl/8")
