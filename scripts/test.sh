@@ -13,8 +13,9 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   command -v iptables-restore >/dev/null || missing+=(iptables)
   command -v setpriv >/dev/null || missing+=(util-linux)
   python3 -m venv --help >/dev/null 2>&1 || missing+=(python3 python3-venv)
+  command -v chromium >/dev/null || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ]; then
-    step "installing ${missing[*]} (for the network namespace tests and schema checks)"
+    step "installing ${missing[*]} (for the network namespace tests, schema checks and the browser test)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 fi
@@ -58,6 +59,15 @@ target/debug/meshctl manifest generate --offline --profile demo \
   --set kubernetesMinor=28 > "$out/demo-overrides.yaml"
 "$venv/bin/kubernetes-validate" --strict --quiet -k 1.30.0 "$out"/{minimal,default,demo}.yaml
 "$venv/bin/kubernetes-validate" --strict --quiet -k 1.28.0 "$out/demo-overrides.yaml"
+
+step "the dashboard in a browser"
+# meshctl demo with traffic; headless Chromium (Debian's) driven by
+# Playwright checks the live graph and saves target/dashboard.png.
+if command -v chromium >/dev/null; then
+  bash e2e/browser/run.sh target/dashboard.png
+else
+  echo "chromium is not installed (run as root to have it installed): skipped"
+fi
 
 step "fuzz targets build"
 # Their own workspace (libFuzzer); the same target dir reuses the main build.

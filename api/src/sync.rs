@@ -42,6 +42,9 @@ pub struct ProxyStatus {
     /// Unix seconds.
     pub connected_at: u64,
     pub state: SyncState,
+    /// Where pilot reads the proxy's metrics (host:port), if it said.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub metrics_addr: String,
     /// Destinations it subscribed to.
     #[serde(default)]
     pub subscriptions: Vec<String>,

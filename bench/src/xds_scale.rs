@@ -124,6 +124,7 @@ async fn sim_proxy(
             service_account: "default".into(),
             version: "bench".into(),
             mode: "sidecar".into(),
+            metrics_addr: String::new(),
             gateways: vec![],
         }),
         type_url: WORKLOAD.into(),

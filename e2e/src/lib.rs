@@ -123,6 +123,7 @@ pub async fn sidecar(xds: SocketAddr, workload: &str, labels: &[(&str, &str)]) -
                 service_account: workload.to_string(),
                 version: "test".into(),
                 mode: "explicit".into(),
+                metrics_addr: String::new(),
                 gateways: Vec::new(),
             },
             demand_timeout: Duration::from_secs(5),

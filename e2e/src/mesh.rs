@@ -56,6 +56,27 @@ pub fn workload(
     }
 }
 
+/// Bookinfo's services, each on 9080.
+pub const BOOKINFO_SERVICES: [(&str, u16); 4] = [
+    ("productpage", 9080),
+    ("details", 9080),
+    ("ratings", 9080),
+    ("reviews", 9080),
+];
+
+/// Bookinfo's workloads with the reviews versions named (`"v2"`, …).
+pub fn bookinfo_workloads(reviews: &[&'static str]) -> Vec<Workload> {
+    let mut w = vec![
+        workload("productpage-v1", "productpage", "v1", "productpage"),
+        workload("details-v1", "details", "v1", "details"),
+        workload("ratings-v1", "ratings", "v1", "ratings"),
+    ];
+    for v in reviews {
+        w.push(workload(&format!("reviews-{v}"), "reviews", v, "reviews"));
+    }
+    w
+}
+
 /// A child process killed when dropped.
 struct Proc(Child);
 
@@ -584,6 +605,14 @@ impl LocalMesh {
     pub async fn sidecar_metrics(&self, workload: &str) -> Option<String> {
         let addr = SocketAddr::new(self.apps[workload].ip(), 15020);
         self.within(move || async move { http_get(addr, "/stats/prometheus").await })
+            .await
+    }
+
+    /// GET a path of pilot's HTTP port (15014); the body, if 200.
+    pub async fn pilot_get(&self, path: &str) -> Option<String> {
+        let addr = self.pilot().http;
+        let path = path.to_string();
+        self.within(move || async move { http_get(addr, &path).await })
             .await
     }
 

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_e2e::mesh::{LocalMesh, workload};
+use mesh_e2e::mesh::{BOOKINFO_SERVICES, LocalMesh, bookinfo_workloads};
 
 const SUBSETS: &str = include_str!("../../samples/bookinfo/networking/destination-rule-all.yaml");
 const JASON: &str =
@@ -14,20 +14,8 @@ const JASON: &str =
 async fn bookinfo(name: &str) -> LocalMesh {
     LocalMesh::start(
         name,
-        &[
-            ("productpage", 9080),
-            ("details", 9080),
-            ("ratings", 9080),
-            ("reviews", 9080),
-        ],
-        &[
-            workload("productpage-v1", "productpage", "v1", "productpage"),
-            workload("details-v1", "details", "v1", "details"),
-            workload("ratings-v1", "ratings", "v1", "ratings"),
-            workload("reviews-v1", "reviews", "v1", "reviews"),
-            workload("reviews-v2", "reviews", "v2", "reviews"),
-            workload("reviews-v3", "reviews", "v3", "reviews"),
-        ],
+        &BOOKINFO_SERVICES,
+        &bookinfo_workloads(&["v1", "v2", "v3"]),
         ("/", "productpage", 9080),
     )
     .await
@@ -151,6 +139,47 @@ async fn mesh_wide_strict_mtls_leaves_bookinfo_working() {
                     && l.contains("source_version=\"v2\"")),
             "ratings saw reviews v2 over mTLS:\n{metrics}"
         );
+        // Every standard series carries every label Kiali and Istio's
+        // dashboards query.
+        const LABELS: [&str; 24] = [
+            "reporter",
+            "source_workload",
+            "source_workload_namespace",
+            "source_principal",
+            "source_app",
+            "source_version",
+            "source_canonical_service",
+            "source_canonical_revision",
+            "source_cluster",
+            "destination_workload",
+            "destination_workload_namespace",
+            "destination_principal",
+            "destination_app",
+            "destination_version",
+            "destination_canonical_service",
+            "destination_canonical_revision",
+            "destination_cluster",
+            "destination_service",
+            "destination_service_name",
+            "destination_service_namespace",
+            "request_protocol",
+            "response_flags",
+            "connection_security_policy",
+            "response_code",
+        ];
+        let series: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_request"))
+            .collect();
+        assert!(series.len() > 10, "{metrics}");
+        for line in series {
+            for label in LABELS {
+                assert!(
+                    line.contains(&format!("{label}=\"")),
+                    "{label} missing: {line}"
+                );
+            }
+        }
     }
 }
 

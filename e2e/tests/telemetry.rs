@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use mesh_e2e::mesh::{LocalMesh, Options, workload};
+use mesh_e2e::mesh::{BOOKINFO_SERVICES, LocalMesh, Options, bookinfo_workloads};
 use serde_json::Value;
 
 /// A Zipkin v2 collector: keeps every span posted to /api/v2/spans.
@@ -65,18 +65,8 @@ async fn one_request_is_one_trace_across_every_service() {
     };
     let m = LocalMesh::start_with(
         "traces",
-        &[
-            ("productpage", 9080),
-            ("details", 9080),
-            ("ratings", 9080),
-            ("reviews", 9080),
-        ],
-        &[
-            workload("productpage-v1", "productpage", "v1", "productpage"),
-            workload("details-v1", "details", "v1", "details"),
-            workload("ratings-v1", "ratings", "v1", "ratings"),
-            workload("reviews-v2", "reviews", "v2", "reviews"),
-        ],
+        &BOOKINFO_SERVICES,
+        &bookinfo_workloads(&["v2"]),
         ("/", "productpage", 9080),
         Options {
             explicit: false,
@@ -319,4 +309,93 @@ async fn the_access_log_has_a_json_line_per_request() {
     assert_eq!(unrouted["denied_by"], Value::Null);
     assert_ne!(unrouted["request_id"], denied["request_id"]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Pilot's dashboard draws the service graph from the proxies' own
+/// metrics: bookinfo's calls appear as edges with their rates, and with
+/// mTLS where the callee saw it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pilot_draws_the_live_service_graph() {
+    let m = LocalMesh::start(
+        "graph",
+        &BOOKINFO_SERVICES,
+        &bookinfo_workloads(&["v2"]),
+        ("/", "productpage", 9080),
+    )
+    .await;
+    let page = m.pilot_get("/dashboard").await.expect("the dashboard page");
+    assert!(page.contains("id=\"graph\""), "the page has its graph");
+    // Looking starts the readings; traffic flows while they go on.
+    assert!(m.pilot_get("/api/graph").await.is_some());
+    let edge_of = |graph: &Value, from: &str, to: &str| -> Option<Value> {
+        graph["edges"]
+            .as_array()?
+            .iter()
+            .find(|e| e["source"] == from && e["target"] == to)
+            .cloned()
+    };
+    let last = Arc::new(Mutex::new(Value::Null));
+    let drawn = mesh_e2e::eventually(Duration::from_secs(30), || {
+        let m = &m;
+        let last = last.clone();
+        async move {
+            m.requests("/productpage", &[], 10, 2).await;
+            let Some(text) = m.pilot_get("/api/graph").await else {
+                return false;
+            };
+            let graph: Value = serde_json::from_str(&text).unwrap();
+            *last.lock().unwrap() = graph.clone();
+            [
+                ("default/ingressgateway", "default/productpage-v1"),
+                ("default/productpage-v1", "default/details-v1"),
+                ("default/productpage-v1", "default/reviews-v2"),
+                ("default/reviews-v2", "default/ratings-v1"),
+            ]
+            .iter()
+            .all(|(a, b)| edge_of(&graph, a, b).is_some_and(|e| e["rps"].as_f64() > Some(0.0)))
+        }
+    })
+    .await;
+    let graph = last.lock().unwrap().clone();
+    assert!(drawn, "every call is an edge with traffic: {graph:#}");
+    let to_reviews = edge_of(&graph, "default/productpage-v1", "default/reviews-v2").unwrap();
+    assert_eq!(to_reviews["service"], "reviews.default.svc.cluster.local");
+    assert_eq!(to_reviews["errorRate"], 0.0);
+    assert!(
+        to_reviews["p99Ms"].as_f64().is_some_and(|p| p > 0.0),
+        "{to_reviews}"
+    );
+    let gateway = graph["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "default/ingressgateway")
+        .unwrap();
+    assert_eq!(gateway["kind"], "gateway");
+    if m.namespaced() {
+        assert_eq!(to_reviews["mtls"], true, "the callee saw mTLS");
+    }
+    let services: Value =
+        serde_json::from_str(&m.pilot_get("/api/services").await.unwrap()).unwrap();
+    let reviews = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["host"] == "reviews.default.svc.cluster.local")
+        .unwrap();
+    assert!(reviews["rps"].as_f64() > Some(0.0), "{reviews}");
+    assert_eq!(
+        reviews["workloads"],
+        serde_json::json!(["default/reviews-v2"])
+    );
+    let proxies: Value = serde_json::from_str(&m.pilot_get("/api/proxies").await.unwrap()).unwrap();
+    assert_eq!(proxies.as_array().unwrap().len(), 5, "{proxies}");
+    assert!(
+        proxies
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["metrics"] == true && p["state"] == "SYNCED"),
+        "{proxies:#}"
+    );
 }

@@ -343,8 +343,10 @@ async fn a_killed_instance_is_ejected_and_changes_under_load_fail_nothing() {
         !failures.is_empty() && failures.len() <= 2,
         "ejected after 2 errors: {failures:?}"
     );
+    // The balancer picks the dead instance about every other request, so
+    // its second failure comes early (50 misses in a row: 2^-50).
     assert!(
-        failures.iter().all(|i| *i < 10),
+        failures.iter().all(|i| *i < 50),
         "no failure once ejected: {failures:?}"
     );
 

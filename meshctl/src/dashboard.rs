@@ -1,5 +1,7 @@
-//! `meshctl dashboard prometheus|grafana|jaeger`: forwards a local port to
-//! the addon's pod through the API server and prints the URL.
+//! `meshctl dashboard [prometheus|grafana|jaeger]`: the mesh's own
+//! dashboard (served by pilot) or an addon's UI. In the local mesh it
+//! prints pilot's URL; in a cluster it forwards a local port to the pod
+//! through the API server and prints the URL.
 
 use std::net::SocketAddr;
 
@@ -27,18 +29,34 @@ impl Addon {
     }
 }
 
-/// Runs until Ctrl-C.
-pub fn run(addon: Addon, address: std::net::IpAddr, port: Option<u16>) -> Result<()> {
+/// Runs until Ctrl-C (in a cluster); `None` is the mesh's own dashboard.
+pub fn run(addon: Option<Addon>, address: std::net::IpAddr, port: Option<u16>) -> Result<()> {
+    let Some(addon) = addon else {
+        if let Some(state) = crate::local::find() {
+            println!("mesh dashboard: http://{}/dashboard", state.status);
+            return Ok(());
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("starting the runtime")?;
+        return rt.block_on(forward(("mesh-pilot", 15014), "/dashboard", address, port));
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(forward(addon, address, port))
+    rt.block_on(forward(addon.target(), "/", address, port))
 }
 
-async fn forward(addon: Addon, address: std::net::IpAddr, port: Option<u16>) -> Result<()> {
-    let (app, remote) = addon.target();
+async fn forward(
+    (app, remote): (&'static str, u16),
+    path: &str,
+    address: std::net::IpAddr,
+    port: Option<u16>,
+) -> Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no cluster to talk to (set KUBECONFIG or a kubeconfig context)")?;
@@ -58,10 +76,13 @@ async fn forward(addon: Addon, address: std::net::IpAddr, port: Option<u16>) -> 
         })
         .and_then(|p| p.metadata.name)
         .ok_or_else(|| {
-            anyhow!(
-                "no ready {app} pod in {NAMESPACE}: install the addon with `meshctl install --profile demo` (or --set addons.{app}.enabled=true)",
-                app = if app == "jaeger" { "jaeger" } else { app }
-            )
+            if app == "mesh-pilot" {
+                anyhow!("no ready pilot pod in {NAMESPACE}: is the mesh installed? (`meshctl check`)")
+            } else {
+                anyhow!(
+                    "no ready {app} pod in {NAMESPACE}: install the addon with `meshctl install --profile demo` (or --set addons.{app}.enabled=true)"
+                )
+            }
         })?;
     let local = SocketAddr::new(address, port.unwrap_or(remote));
     let listener = match tokio::net::TcpListener::bind(local).await {
@@ -72,7 +93,7 @@ async fn forward(addon: Addon, address: std::net::IpAddr, port: Option<u16>) -> 
         Err(e) => return Err(e).with_context(|| format!("listening on {local}")),
     };
     let bound = listener.local_addr()?;
-    println!("{app}: http://{bound}/ (pod {NAMESPACE}/{pod}, port {remote}); Ctrl-C stops");
+    println!("{app}: http://{bound}{path} (pod {NAMESPACE}/{pod}, port {remote}); Ctrl-C stops");
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),

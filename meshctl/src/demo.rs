@@ -233,6 +233,7 @@ async fn demo(opts: Options, gateway: SocketAddr) -> Result<()> {
     println!(
         "Local mesh ready in {:.1} s.\n\n\
          \x20 bookinfo    http://{gateway}/productpage   (sign in as jason for his routes)\n\
+         \x20 dashboard   http://{}/dashboard   (the live service graph)\n\
          \x20 API         http://{gateway}/api/v1/products/0/reviews\n\
          \x20 pilot       xDS {}, status http://{}  (/metrics, /debug/syncz, /debug/configz)\n\
          \x20 workloads   {}, each with a sidecar; ingress gateway on {gateway}\n\
@@ -243,9 +244,11 @@ async fn demo(opts: Options, gateway: SocketAddr) -> Result<()> {
          \x20 meshctl apply -f samples/bookinfo/networking/virtual-service-reviews-jason-v2.yaml\n\
          \x20 meshctl get virtualservices\n\
          \x20 meshctl proxy-status\n\
+         \x20 meshctl proxy-config routes productpage-v1\n\
          \x20 meshctl delete -f samples/bookinfo/networking/virtual-service-reviews-jason-v2.yaml\n\n\
          Ctrl-C stops everything.",
         started.elapsed().as_secs_f64(),
+        pilot.http_addr,
         pilot.xds_addr,
         pilot.http_addr,
         WORKLOADS
@@ -338,6 +341,7 @@ async fn proxy(
                     "explicit"
                 }
                 .into(),
+                metrics_addr: String::new(),
                 gateways: Vec::new(),
             },
             demand_timeout: Duration::from_secs(5),

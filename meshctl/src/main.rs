@@ -259,11 +259,15 @@ enum Command {
         #[command(subcommand)]
         command: ManifestCommand,
     },
-    /// Open an addon's UI: forwards a local port to its pod and prints the
-    /// URL.
+    /// Open the mesh's dashboard (a live service graph served by pilot), or
+    /// an addon's UI.
+    ///
+    /// In the local mesh (`meshctl demo`) it prints pilot's dashboard URL.
+    /// In a cluster it forwards a local port to the pod (pilot's 15014, or
+    /// the addon's) and prints the URL; Ctrl-C stops.
     Dashboard {
         #[arg(value_enum)]
-        addon: dashboard::Addon,
+        addon: Option<dashboard::Addon>,
         /// Local port (default: the addon's own: 9090, 3000, 16686).
         #[arg(long)]
         port: Option<u16>,

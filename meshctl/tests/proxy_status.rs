@@ -49,6 +49,7 @@ async fn proxy(xds: SocketAddr, workload: &str, reject: Option<(&'static str, &'
             service_account: "default".into(),
             version: "test".into(),
             mode: "sidecar".into(),
+            metrics_addr: String::new(),
             gateways: vec![],
         }),
         type_url: WORKLOAD.into(),

@@ -151,7 +151,7 @@ pub fn referenced_clusters(http: &[Route], tcp: &[TcpRoute], out: &mut Vec<Strin
 
 /// The VirtualService that routes `host` for `gateway` (`mesh` for
 /// sidecars): an exact host before a wildcard, then the oldest by name.
-fn virtual_service_for<'a>(
+pub(crate) fn virtual_service_for<'a>(
     inputs: &'a Inputs,
     host: &str,
     gateway: &str,
@@ -378,12 +378,9 @@ pub fn cluster(inputs: &Inputs, name: &str, mesh: &MeshSettings) -> Cluster {
                     address: std::net::SocketAddr::new(w.address, tp),
                     weight: w.weight.max(1),
                     labels: w.labels.clone(),
-                    workload: Some(
-                        w.labels
-                            .get("app")
-                            .cloned()
-                            .unwrap_or_else(|| w.key.name.clone()),
-                    ),
+                    // The name the workload's own proxy reports as
+                    // source_workload, so both ends of a call agree.
+                    workload: Some(w.key.name.clone()),
                     namespace: Some(w.key.namespace.clone()),
                     locality: w.locality.clone(),
                     identity: (w.labels.get(TLS_MODE_LABEL).map(String::as_str)
@@ -437,7 +434,10 @@ fn apply_policy(c: &mut Cluster, tp: Option<&TrafficPolicy>, port: u16) {
 }
 
 /// The DestinationRule for a host: an exact host before a wildcard.
-fn destination_rule_for<'a>(inputs: &'a Inputs, host: &str) -> Option<&'a DestinationRule> {
+pub(crate) fn destination_rule_for<'a>(
+    inputs: &'a Inputs,
+    host: &str,
+) -> Option<&'a DestinationRule> {
     let mut best: Option<(&DestinationRule, bool)> = None;
     for r in inputs.config_of(Kind::DestinationRule) {
         let Resource::DestinationRule(dr) = &**r else {

@@ -6,6 +6,8 @@
 
 pub mod ca;
 pub mod compile;
+pub mod dashboard;
+pub mod graph;
 pub mod metrics;
 pub mod registry;
 pub mod source;
@@ -40,6 +42,8 @@ pub struct Pilot {
     pub metrics: metrics::Metrics,
     pub sync: Arc<xds::SyncRegistry>,
     pub ready: watch::Receiver<bool>,
+    /// The live service graph of the dashboard.
+    pub graph: Arc<graph::Graph>,
 }
 
 /// A started pilot: its bound addresses. Dropping it stops the listeners.
@@ -124,13 +128,16 @@ pub async fn start<S: source::Source>(cfg: Config, source: S) -> std::io::Result
     let store = Arc::new(store::Store::new(cfg.mesh, cfg.debounce, metrics.clone()));
     let (ready_tx, ready) = watch::channel(false);
     let sync = Arc::new(xds::SyncRegistry::default());
+    let graph = Arc::new(graph::Graph::default());
     let pilot = Arc::new(Pilot {
         store: store.clone(),
         metrics: metrics.clone(),
         sync: sync.clone(),
         ready,
+        graph: graph.clone(),
     });
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(graph.run(sync.clone())));
     tasks.push(tokio::spawn(store.clone().run()));
     tasks.push(tokio::spawn(source.run(source::Sink {
         store: store.clone(),

@@ -1,7 +1,7 @@
 //! Pilot's HTTP port (15014): `/ready`, `/metrics` (Prometheus),
 //! `/debug/syncz` (per proxy: subscriptions, sent and acknowledged
-//! versions, SYNCED/STALE/NACKED) and `/debug/configz` (the validated
-//! config pilot is serving).
+//! versions, SYNCED/STALE/NACKED), `/debug/configz` (the validated
+//! config pilot is serving), and the dashboard (`/dashboard`, `/api/*`).
 
 use std::sync::Arc;
 
@@ -21,6 +21,14 @@ pub fn router(pilot: Arc<Pilot>) -> Router {
         .route("/metrics", get(metrics))
         .route("/debug/syncz", get(syncz))
         .route("/debug/configz", get(configz))
+        .route(
+            "/",
+            get(|| async { axum::response::Redirect::to("/dashboard") }),
+        )
+        .route("/dashboard", get(crate::dashboard::page))
+        .route("/api/graph", get(crate::dashboard::graph))
+        .route("/api/services", get(crate::dashboard::services))
+        .route("/api/proxies", get(crate::dashboard::proxies))
         .with_state(pilot)
 }
 

@@ -41,6 +41,19 @@ impl SyncRegistry {
     }
 }
 
+/// Where to read a proxy's metrics: what it said, with an unspecified
+/// host replaced by the address its xDS connection comes from.
+fn metrics_addr(said: &str, remote: Option<std::net::SocketAddr>) -> String {
+    let Ok(addr) = said.parse::<std::net::SocketAddr>() else {
+        return String::new();
+    };
+    match (addr.ip().is_unspecified(), remote) {
+        (false, _) => addr.to_string(),
+        (true, Some(r)) => std::net::SocketAddr::new(r.ip(), addr.port()).to_string(),
+        (true, None) => String::new(),
+    }
+}
+
 /// The gRPC service.
 pub struct Xds {
     store: Arc<Store>,
@@ -75,6 +88,7 @@ impl AggregatedDiscoveryService for Xds {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let remote = request.remote_addr();
         let mut inbound = request.into_inner();
         let first = match inbound.message().await {
             Ok(Some(r)) => r,
@@ -106,6 +120,7 @@ impl AggregatedDiscoveryService for Xds {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             state: SyncState::Stale,
+            metrics_addr: metrics_addr(&node.metrics_addr, remote),
             ..Default::default()
         }));
         self.sync

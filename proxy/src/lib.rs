@@ -260,7 +260,14 @@ pub async fn start(
 
 /// Takes config from pilot from now on: connects (and reconnects) in the
 /// background, and asks pilot on demand for destinations not seen yet.
-pub fn follow_pilot(running: &Arc<Running>, settings: xds::Settings) -> Arc<xds::Client> {
+/// The proxy's metrics address goes to pilot with the node, for its
+/// service graph.
+pub fn follow_pilot(running: &Arc<Running>, mut settings: xds::Settings) -> Arc<xds::Client> {
+    if settings.node.metrics_addr.is_empty()
+        && let Some(m) = running.metrics
+    {
+        settings.node.metrics_addr = m.to_string();
+    }
     let client = xds::Client::new(settings);
     let _ = running.proxy.xds.set(client.clone());
     tokio::spawn(client.clone().run(running.clone()));

@@ -377,6 +377,7 @@ fn main() -> ExitCode {
                     Mode::Explicit => "explicit",
                 }
                 .to_string(),
+                metrics_addr: String::new(),
                 gateways: args.gateway_names.clone(),
             };
             mesh_proxy::follow_pilot(

@@ -158,7 +158,11 @@ fn clusters_hold_their_subset_endpoints_and_merged_policies() {
     );
     assert_eq!(v2.endpoints.len(), 1);
     assert_eq!(v2.endpoints[0].address.to_string(), "10.1.0.2:19081");
-    assert_eq!(v2.endpoints[0].workload.as_deref(), Some("reviews"));
+    assert_eq!(
+        v2.endpoints[0].workload.as_deref(),
+        Some("reviews-v2"),
+        "the workload's own name"
+    );
     // …and a subset's policy over both.
     assert_eq!(lb(&v2), "Some(Random)");
     // Unknown subsets and hosts are empty clusters, not errors.
