@@ -201,6 +201,48 @@ clusters:
         .unwrap();
     assert_eq!(&buf[..n], b"tcp through the gateway");
     assert_eq!(p.gateway_addrs().len(), 2);
+    // TCP traffic has TCP series, with every label; counters move when the
+    // connection closes.
+    drop(s);
+    let metrics_addr = p.metrics.unwrap();
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = send(&c, metrics_addr, "x", "/stats/prometheus", &[])
+            .await
+            .body;
+        if metrics.contains("istio_tcp_connections_closed_total{") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for series in [
+        "istio_tcp_connections_opened_total{",
+        "istio_tcp_connections_closed_total{",
+        "istio_tcp_sent_bytes_total{",
+        "istio_tcp_received_bytes_total{",
+    ] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(series))
+            .unwrap_or_else(|| panic!("{series} in\n{metrics}"));
+        for label in [
+            "reporter=",
+            "source_workload=",
+            "destination_workload=",
+            "destination_service=",
+            "request_protocol=\"tcp\"",
+            "connection_security_policy=",
+        ] {
+            assert!(line.contains(label), "{label} in {line}");
+        }
+    }
+    let received = metrics
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_received_bytes_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    assert_eq!(received, 23.0, "the bytes the client sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
