@@ -34,6 +34,8 @@ pub const INTERVAL: Duration = Duration::from_secs(2);
 /// How long after the last API request reading goes on.
 const WATCHED_FOR: Duration = Duration::from_secs(60);
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The most pilot reads of one proxy's metrics.
+const MAX_EXPOSITION: usize = 8 << 20;
 
 /// A workload as the graph names it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -82,7 +84,7 @@ impl PartialOrd for OrderedLe {
     }
 }
 
-/// One reading of every proxy.
+/// One proxy's reading.
 #[derive(Clone, Debug, Default)]
 struct Sample {
     edges: HashMap<EdgeKey, Totals>,
@@ -90,8 +92,13 @@ struct Sample {
     mtls: HashMap<(String, String), bool>,
 }
 
+/// A reading of every proxy that answered, by proxy id: rates are taken
+/// per proxy, so one appearing, vanishing or restarting does not skew the
+/// others.
+type Reading = HashMap<String, Sample>;
+
 struct State {
-    samples: VecDeque<(Instant, Sample)>,
+    samples: VecDeque<(Instant, Reading)>,
     /// Whether each proxy's metrics answered at the last reading.
     reachable: BTreeMap<String, bool>,
 }
@@ -200,17 +207,19 @@ impl Graph {
             (p.proxy.clone(), text)
         });
         let texts = futures_util::future::join_all(reads).await;
-        let mut sample = Sample::default();
+        let mut reading = Reading::new();
         let mut reachable = BTreeMap::new();
         for (proxy, text) in texts {
-            reachable.insert(proxy, text.is_some());
+            reachable.insert(proxy.clone(), text.is_some());
             if let Some(t) = text {
+                let mut sample = Sample::default();
                 add_exposition(&mut sample, &t);
+                reading.insert(proxy, sample);
             }
         }
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.samples.push_back((now, sample));
+        state.samples.push_back((now, reading));
         while state
             .samples
             .front()
@@ -276,58 +285,53 @@ impl Graph {
     }
 }
 
-/// Rates between two samples `dt` seconds apart (zero rates when `dt` is
-/// zero: the first reading).
-fn rates(old: &Sample, new: &Sample, dt: f64) -> Vec<(EdgeKey, Edge)> {
-    let mut out: Vec<(EdgeKey, Edge)> = new
-        .edges
-        .iter()
-        .map(|(k, now)| {
-            let before = old.edges.get(k);
-            // A proxy that restarted starts from zero again.
-            let delta = |n: f64, b: Option<f64>| match b {
-                Some(b) if n >= b => n - b,
-                _ if dt > 0.0 && before.is_none() => n,
-                _ => 0.0,
+/// Rates between two readings `dt` seconds apart (zero rates when `dt` is
+/// zero: the first reading). Each proxy's counters are differenced on
+/// their own, only for proxies in both readings; a counter that went
+/// down (the proxy restarted) counts from zero, as Prometheus's rate does.
+fn rates(old: &Reading, new: &Reading, dt: f64) -> Vec<(EdgeKey, Edge)> {
+    let delta = |n: f64, b: f64| if n >= b { n - b } else { n };
+    let mut sums: BTreeMap<EdgeKey, Totals> = BTreeMap::new();
+    let mut mtls: HashMap<(String, String), bool> = HashMap::new();
+    for (proxy, now) in new {
+        for (pair, m) in &now.mtls {
+            let seen = mtls.entry(pair.clone()).or_insert(*m);
+            *seen = *seen && *m;
+        }
+        let before = old.get(proxy).filter(|_| dt > 0.0);
+        for (k, n) in &now.edges {
+            let sum = sums.entry(k.clone()).or_default();
+            let Some(b) = before.map(|b| b.edges.get(k).cloned().unwrap_or_default()) else {
+                continue;
             };
-            let requests = if dt > 0.0 {
-                delta(now.requests, before.map(|b| b.requests))
-            } else {
-                0.0
-            };
-            let errors = if dt > 0.0 {
-                delta(now.errors, before.map(|b| b.errors))
-            } else {
-                0.0
-            };
-            let buckets: Vec<(f64, f64)> = now
-                .buckets
-                .iter()
-                .map(|(le, n)| {
-                    let b = before.and_then(|b| b.buckets.get(le).copied());
-                    (le.0, if dt > 0.0 { delta(*n, b) } else { 0.0 })
-                })
-                .collect();
-            let mtls = new.mtls.get(&(k.source.id(), k.target.id())).copied();
+            sum.requests += delta(n.requests, b.requests);
+            sum.errors += delta(n.errors, b.errors);
+            for (le, c) in &n.buckets {
+                let was = b.buckets.get(le).copied().unwrap_or(0.0);
+                *sum.buckets.entry(*le).or_default() += delta(*c, was);
+            }
+        }
+    }
+    sums.into_iter()
+        .map(|(k, t)| {
+            let buckets: Vec<(f64, f64)> = t.buckets.iter().map(|(le, c)| (le.0, *c)).collect();
             let edge = Edge {
                 source: k.source.id(),
                 target: k.target.id(),
                 service: k.service.clone(),
                 protocol: k.protocol.clone(),
-                rps: if dt > 0.0 { requests / dt } else { 0.0 },
-                error_rate: if requests > 0.0 {
-                    errors / requests
+                rps: if dt > 0.0 { t.requests / dt } else { 0.0 },
+                error_rate: if t.requests > 0.0 {
+                    t.errors / t.requests
                 } else {
                     0.0
                 },
                 p99_ms: quantile(0.99, &buckets),
-                mtls,
+                mtls: mtls.get(&(k.source.id(), k.target.id())).copied(),
             };
-            (k.clone(), edge)
+            (k, edge)
         })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+        .collect()
 }
 
 /// Prometheus's histogram_quantile over cumulative `(le, count)` buckets;
@@ -370,10 +374,10 @@ fn add_exposition(sample: &mut Sample, text: &str) {
                 .map_or("", |(_, v)| v.as_str())
         };
         let reporter = get("reporter");
-        let caller_unknown = get("source_workload") == "unknown";
         // The caller's view; the callee's only when the caller has no
-        // sidecar to report.
-        let counts = reporter == "source" || (reporter == "destination" && caller_unknown);
+        // sidecar (no mesh identity) to report it.
+        let no_sidecar = get("source_principal") == "unknown";
+        let counts = reporter == "source" || (reporter == "destination" && no_sidecar);
         let node = |side: &str| NodeRef {
             namespace: get(&format!("{side}_workload_namespace")).to_string(),
             workload: get(&format!("{side}_workload")).to_string(),
@@ -489,8 +493,12 @@ async fn fetch(addr: std::net::SocketAddr) -> Option<String> {
     if !resp.status().is_success() {
         return None;
     }
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    String::from_utf8(body.to_vec()).ok()
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_EXPOSITION)
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
+    String::from_utf8(body.into()).ok()
 }
 
 #[cfg(test)]

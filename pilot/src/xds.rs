@@ -41,17 +41,14 @@ impl SyncRegistry {
     }
 }
 
-/// Where to read a proxy's metrics: what it said, with an unspecified
-/// host replaced by the address its xDS connection comes from.
+/// Where to read a proxy's metrics: the port it said, at the address its
+/// xDS connection comes from, so a proxy cannot point pilot at anyone
+/// else. (A proxy on loopback names its loopback address.)
 fn metrics_addr(said: &str, remote: Option<std::net::SocketAddr>) -> String {
-    let Ok(addr) = said.parse::<std::net::SocketAddr>() else {
+    let (Ok(addr), Some(remote)) = (said.parse::<std::net::SocketAddr>(), remote) else {
         return String::new();
     };
-    match (addr.ip().is_unspecified(), remote) {
-        (false, _) => addr.to_string(),
-        (true, Some(r)) => std::net::SocketAddr::new(r.ip(), addr.port()).to_string(),
-        (true, None) => String::new(),
-    }
+    std::net::SocketAddr::new(remote.ip(), addr.port()).to_string()
 }
 
 /// The gRPC service.

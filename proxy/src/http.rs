@@ -971,21 +971,10 @@ async fn forward(
     }
     // Who is calling, for the server sidecar's metrics: announced to mesh
     // workloads only, taken (and removed) from mTLS callers.
+    // (announced per attempt in `send`, to mTLS peers only).
     let caller = match reporter {
         Reporter::Source => {
-            match &snap.workload.peer_header {
-                Some(v)
-                    if cluster
-                        .endpoint_meta
-                        .first()
-                        .is_some_and(|m| !m.workload.is_empty()) =>
-                {
-                    headers.insert(PEER_HEADER, v.clone());
-                }
-                _ => {
-                    headers.remove(PEER_HEADER);
-                }
-            }
+            headers.remove(PEER_HEADER);
             None
         }
         Reporter::Destination => {
@@ -1169,7 +1158,20 @@ async fn forward(
             (Some(p), None) => Some(now + p),
             (None, d) => d,
         };
-        let result = send(&proxy.tls, &cluster, idx, h2, &mut out, try_deadline).await;
+        let announce = match reporter {
+            Reporter::Source => snap.workload.peer_header.as_ref(),
+            Reporter::Destination => None,
+        };
+        let result = send(
+            &proxy.tls,
+            &cluster,
+            idx,
+            h2,
+            &mut out,
+            try_deadline,
+            announce,
+        )
+        .await;
         let failure = match result {
             Ok((mut resp, pooled)) => {
                 let status = resp.status().as_u16();
@@ -1215,10 +1217,12 @@ async fn forward(
                 let mut resp = Response::new(Body::stream_with(rbody, Box::new(end)));
                 *resp.status_mut() = rparts.status;
                 *resp.headers_mut() = headers;
-                resp.extensions_mut().insert(telemetry::Upstream {
-                    host: Some(ep.addr),
-                    cluster: Some(cluster.name.clone()),
-                });
+                if proxy.telemetry.is_on() {
+                    resp.extensions_mut().insert(telemetry::Upstream {
+                        host: Some(ep.addr),
+                        cluster: Some(cluster.name.clone()),
+                    });
+                }
                 return resp;
             }
             Err(reason) => reason,
@@ -1295,6 +1299,8 @@ async fn backoff(retry: &crate::state::RetryPolicy, attempt: u32, deadline: Opti
     tokio::time::sleep(wait).await;
 }
 
+/// One attempt at `idx`. `announce` (this workload's `x-mesh-peer`) goes
+/// only to an endpoint reached over mesh mTLS.
 async fn send(
     mesh: &crate::tls::MeshTls,
     cluster: &Cluster,
@@ -1302,13 +1308,24 @@ async fn send(
     h2: bool,
     out: &mut Outgoing,
     deadline: Option<Instant>,
+    announce: Option<&HeaderValue>,
 ) -> Result<(Response<Incoming>, Option<pool::H1Conn>), Reason> {
     let endpoint = cluster.endpoints[idx].addr;
+    let announce = announce.filter(|_| {
+        mesh.enabled()
+            && matches!(
+                cluster.endpoints[idx].tls,
+                crate::tls::Upstream::Mesh { .. }
+            )
+    });
     // Waiting for a pooled connection is bounded even without a deadline.
     let pool_deadline = deadline.unwrap_or_else(|| Instant::now() + cluster.limits.connect_timeout);
     let attempt = async {
         let conn = pool::checkout(mesh, cluster, idx, h2, pool_deadline).await?;
-        let req = out.build(h2, endpoint);
+        let mut req = out.build(h2, endpoint);
+        if let Some(v) = announce {
+            req.headers_mut().insert(PEER_HEADER, v.clone());
+        }
         match conn {
             Conn::H1(mut c) => {
                 if c.sender.ready().await.is_err() {
@@ -1372,7 +1389,8 @@ fn mirror(mesh: Arc<crate::tls::MeshTls>, cluster: Arc<Cluster>, out: &Outgoing,
             cluster.protocol,
             mesh_api::model::Protocol::Http2 | mesh_api::model::Protocol::Grpc
         );
-        if let Ok((resp, pooled)) = send(&mesh, &cluster, idx, h2, &mut copy, deadline).await {
+        if let Ok((resp, pooled)) = send(&mesh, &cluster, idx, h2, &mut copy, deadline, None).await
+        {
             // Read the body so the connection can be reused.
             if resp.into_body().collect().await.is_ok()
                 && let Some(c) = pooled

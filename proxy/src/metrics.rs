@@ -191,25 +191,31 @@ pub const PEER_HEADER: &str = "x-mesh-peer";
 /// How many distinct callers' metadata are remembered.
 const PEER_CACHE: usize = 4096;
 
-/// `name,namespace,app,version`, each a label value (letters, digits,
-/// `-`, `_`, `.`; at most 63 bytes).
+/// `name,namespace,app,version`: Kubernetes names and label values
+/// (letters, digits, `-`, `_`, `.`; at most 253 bytes); an empty app or
+/// version stands for `unknown`.
 fn parse_peer(raw: &[u8]) -> Option<Peer> {
     let text = std::str::from_utf8(raw).ok()?;
     let mut parts = text.split(',');
-    let mut next = || -> Option<Arc<str>> {
+    let unknown = Peer::unknown();
+    let mut next = |required: bool, fallback: &Arc<str>| -> Option<Arc<str>> {
         let v = parts.next()?;
-        let ok = !v.is_empty()
-            && v.len() <= 63
+        let ok = v.len() <= 253
             && v.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        ok.then(|| Arc::from(v))
+        match (ok, v.is_empty()) {
+            (false, _) => None,
+            (true, true) if required => None,
+            (true, true) => Some(fallback.clone()),
+            (true, false) => Some(Arc::from(v)),
+        }
     };
     let p = Peer {
-        workload: next()?,
-        namespace: next()?,
-        app: next()?,
-        version: next()?,
-        principal: Peer::unknown().principal,
+        workload: next(true, &unknown.workload)?,
+        namespace: next(true, &unknown.namespace)?,
+        app: next(false, &unknown.app)?,
+        version: next(false, &unknown.version)?,
+        principal: unknown.principal.clone(),
     };
     parts.next().is_none().then_some(p)
 }
@@ -353,8 +359,10 @@ impl Metrics {
                 let Some(p) = parse_peer(raw.as_bytes()) else {
                     return verified;
                 };
+                // Full: new callers count by identity only, so announced
+                // values cannot grow the series without bound.
                 if cache.len() >= PEER_CACHE {
-                    cache.clear();
+                    return verified;
                 }
                 cache.insert(raw.as_bytes().into(), p.clone());
                 p
@@ -513,7 +521,7 @@ mod tests {
         for bad in [
             "cart,shop,cart",
             "cart,shop,cart,v2,extra",
-            "cart,shop,,v2",
+            ",shop,cart,v2",
             "cart,shop,cart,v2 ",
             "cart\"},shop,cart,v2",
         ] {

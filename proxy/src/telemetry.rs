@@ -245,6 +245,11 @@ impl Telemetry {
         Telemetry { sinks }
     }
 
+    /// Whether tracing or access logging is on.
+    pub fn is_on(&self) -> bool {
+        self.sinks.is_some()
+    }
+
     /// Reads and rewrites the request's trace headers, makes sure it has an
     /// `x-request-id`, and notes what the access log and span need.
     /// `None` when telemetry is off.
@@ -267,9 +272,7 @@ impl Telemetry {
             }
         };
         let trace = sinks.spans.as_ref().map(|_| {
-            let t = TraceContext::incoming(headers)
-                .map(|parent| parent.child())
-                .unwrap_or_else(|| TraceContext::root(sinks.sampling));
+            let t = TraceContext::for_request(headers, sinks.sampling);
             t.write(headers);
             t
         });
@@ -306,6 +309,7 @@ impl Telemetry {
             trace,
             downstream,
             principal: principal.cloned(),
+            done: false,
         }))
     }
 }
@@ -348,6 +352,27 @@ pub struct Pending {
     trace: Option<TraceContext>,
     downstream: SocketAddr,
     principal: Option<Arc<str>>,
+    /// Set once logged and traced; a request dropped before that (the
+    /// client went away) is recorded when the record is dropped.
+    done: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let head = Head {
+            status: 0,
+            reason: None,
+            client_gone: true,
+            denied_by: None,
+            upstream: Upstream::default(),
+            headers_at: self.started.elapsed(),
+        };
+        self.emit(&head, 0, false);
+    }
 }
 
 /// `pending`, completed by `resp`: finished when its body ends.
@@ -359,6 +384,7 @@ pub fn finish_with(pending: Box<Pending>, resp: &mut Response<Body>) {
     let head = Head {
         status: resp.status().as_u16(),
         reason: generated,
+        client_gone: false,
         denied_by: denied_by.map(|d| d.0),
         upstream,
         headers_at: pending.started.elapsed(),
@@ -374,10 +400,21 @@ pub fn finish_with(pending: Box<Pending>, resp: &mut Response<Body>) {
 struct Head {
     status: u16,
     reason: Option<crate::reason::Reason>,
+    /// The client went away before the response head (Envoy's `DC`).
+    client_gone: bool,
     denied_by: Option<Arc<str>>,
     upstream: Upstream,
     /// When the response head was ready (upstream service time).
     headers_at: Duration,
+}
+
+impl Head {
+    fn flag(&self) -> &'static str {
+        match (self.client_gone, self.reason) {
+            (true, _) => "DC",
+            (false, r) => r.map_or("-", |r| r.response_flag()),
+        }
+    }
 }
 
 struct End {
@@ -394,7 +431,12 @@ impl OnEnd for End {
 }
 
 impl Pending {
-    fn finish(self, head: &Head, bytes_sent: u64, completed: bool) {
+    fn finish(mut self, head: &Head, bytes_sent: u64, completed: bool) {
+        self.done = true;
+        self.emit(head, bytes_sent, completed);
+    }
+
+    fn emit(&self, head: &Head, bytes_sent: u64, completed: bool) {
         let duration = self.started.elapsed();
         if let Some((tx, format)) = &self.sinks.logs {
             let line = self.log_line(format, head, bytes_sent, duration);
@@ -438,11 +480,14 @@ impl Pending {
             ("path", self.path.clone().into()),
             ("protocol", protocol(self.version).into()),
             ("status", head.status.into()),
-            ("reason", opt(head.reason.map(|r| r.as_str().to_string()))),
             (
-                "response_flags",
-                head.reason.map_or("-", |r| r.response_flag()).into(),
+                "reason",
+                match (head.client_gone, head.reason) {
+                    (true, _) => "client disconnected".into(),
+                    (false, r) => opt(r.map(|r| r.as_str().to_string())),
+                },
             ),
+            ("response_flags", head.flag().into()),
             (
                 "denied_by",
                 opt(head.denied_by.as_deref().map(str::to_string)),
@@ -550,10 +595,7 @@ impl Pending {
                 self.request_id.to_str().unwrap_or_default().to_string(),
             ),
             ("peer.address", self.downstream.ip().to_string()),
-            (
-                "response_flags",
-                head.reason.map_or("-", |r| r.response_flag()).to_string(),
-            ),
+            ("response_flags", head.flag().to_string()),
         ];
         if let Some(h) = head.upstream.host {
             tags.push(("upstream_host", h.to_string()));
@@ -640,6 +682,18 @@ pub struct TraceContext {
     /// The caller's span, if any.
     pub parent: Option<u64>,
     pub sampled: bool,
+    /// Whether the context came from a valid `traceparent`: only then is
+    /// the caller's `tracestate` passed on.
+    pub w3c: bool,
+}
+
+/// What a request says about its trace: the caller's trace and span, and
+/// its sampling decision (`None`: deferred to this proxy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Incoming {
+    pub ids: Option<(u128, u64)>,
+    pub sampled: Option<bool>,
+    pub w3c: bool,
 }
 
 fn nonzero_u64() -> u64 {
@@ -653,23 +707,48 @@ impl TraceContext {
             trace_id: (u128::from(nonzero_u64()) << 64) | u128::from(fastrand::u64(..)),
             span_id: nonzero_u64(),
             parent: None,
-            sampled: fastrand::f64() * 100.0 < percent,
+            sampled: sample(percent),
+            w3c: false,
         }
     }
 
-    /// A span of this proxy's under the incoming one.
+    /// This proxy's span for a request: under the caller's when it sent
+    /// one, else a new trace; sampled as the caller decided, or at
+    /// `percent` when it did not.
+    pub fn for_request(h: &HeaderMap, percent: f64) -> TraceContext {
+        let Some(incoming) = TraceContext::incoming(h) else {
+            return TraceContext::root(percent);
+        };
+        let sampled = incoming.sampled.unwrap_or_else(|| sample(percent));
+        match incoming.ids {
+            Some((trace_id, parent)) => TraceContext {
+                trace_id,
+                span_id: nonzero_u64(),
+                parent: Some(parent),
+                sampled,
+                w3c: incoming.w3c,
+            },
+            None => TraceContext {
+                sampled,
+                ..TraceContext::root(percent)
+            },
+        }
+    }
+
+    /// A span of this proxy's under this one.
     pub fn child(self) -> TraceContext {
         TraceContext {
-            trace_id: self.trace_id,
             span_id: nonzero_u64(),
             parent: Some(self.span_id),
-            sampled: self.sampled,
+            ..self
         }
     }
 
-    /// The caller's context: `traceparent` first, then B3 (single or
-    /// multiple headers). Malformed or all-zero ids count as absent.
-    pub fn incoming(h: &HeaderMap) -> Option<TraceContext> {
+    /// The caller's context: `traceparent` first, then B3 (single header,
+    /// then multiple headers). Malformed or all-zero ids count as absent;
+    /// a B3 sampling decision alone (`b3: 0`, `x-b3-sampled: 1`) still
+    /// counts.
+    pub fn incoming(h: &HeaderMap) -> Option<Incoming> {
         let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok());
         if let Some(tp) = get("traceparent")
             && let Some(t) = parse_traceparent(tp)
@@ -681,23 +760,25 @@ impl TraceContext {
         {
             return Some(t);
         }
-        let trace_id = parse_trace_id(get("x-b3-traceid")?)?;
-        let span_id = parse_span_id(get("x-b3-spanid")?)?;
-        let sampled = match (get("x-b3-sampled"), get("x-b3-flags")) {
-            (_, Some("1")) => true,
-            (Some(s), _) => s == "1" || s.eq_ignore_ascii_case("true"),
-            (None, _) => true,
+        let sampled = match (get("x-b3-flags"), get("x-b3-sampled")) {
+            (Some("1"), _) => Some(true),
+            (_, Some("1" | "true")) => Some(true),
+            (_, Some("0" | "false")) => Some(false),
+            _ => None,
         };
-        Some(TraceContext {
-            trace_id,
-            span_id,
-            parent: None,
+        let ids = get("x-b3-traceid")
+            .and_then(parse_trace_id)
+            .zip(get("x-b3-spanid").and_then(parse_span_id));
+        (ids.is_some() || sampled.is_some()).then_some(Incoming {
+            ids,
             sampled,
+            w3c: false,
         })
     }
 
-    /// Puts this context on a request going on: `traceparent` (keeping
-    /// any `tracestate`) and the B3 headers.
+    /// Puts this context on a request going on: `traceparent` (and the
+    /// caller's `tracestate` when it came with a valid `traceparent`) and
+    /// the B3 headers.
     pub fn write(&self, h: &mut HeaderMap) {
         let flags = if self.sampled { "01" } else { "00" };
         let put = |h: &mut HeaderMap, name: &'static str, v: String| {
@@ -710,7 +791,11 @@ impl TraceContext {
             "traceparent",
             format!("00-{:032x}-{:016x}-{flags}", self.trace_id, self.span_id),
         );
+        if !self.w3c {
+            h.remove("tracestate");
+        }
         h.remove("b3");
+        h.remove("x-b3-flags");
         put(h, "x-b3-traceid", format!("{:032x}", self.trace_id));
         put(h, "x-b3-spanid", format!("{:016x}", self.span_id));
         match self.parent {
@@ -727,25 +812,38 @@ impl TraceContext {
     }
 }
 
+fn sample(percent: f64) -> bool {
+    fastrand::f64() * 100.0 < percent
+}
+
+fn lower_hex(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 fn parse_trace_id(s: &str) -> Option<u128> {
-    if !(s.len() == 32 || s.len() == 16) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !(s.len() == 32 || s.len() == 16) || !lower_hex(s) {
         return None;
     }
     u128::from_str_radix(s, 16).ok().filter(|&v| v != 0)
 }
 
 fn parse_span_id(s: &str) -> Option<u64> {
-    if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if s.len() != 16 || !lower_hex(s) {
         return None;
     }
     u64::from_str_radix(s, 16).ok().filter(|&v| v != 0)
 }
 
-fn parse_traceparent(s: &str) -> Option<TraceContext> {
+/// W3C Trace Context: `version-traceid-parentid-flags`, lower-case hex.
+fn parse_traceparent(s: &str) -> Option<Incoming> {
     let mut parts = s.trim().split('-');
     let version = parts.next()?;
     let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
-    if version.len() != 2 || version == "ff" || trace.len() != 32 || flags.len() != 2 {
+    if version.len() != 2 || !lower_hex(version) || version == "ff" || trace.len() != 32 {
+        return None;
+    }
+    if flags.len() != 2 || !lower_hex(flags) {
         return None;
     }
     // Version 00 has exactly four fields; later versions may add more.
@@ -753,24 +851,46 @@ fn parse_traceparent(s: &str) -> Option<TraceContext> {
         return None;
     }
     let flags = u8::from_str_radix(flags, 16).ok()?;
-    Some(TraceContext {
-        trace_id: parse_trace_id(trace)?,
-        span_id: parse_span_id(span)?,
-        parent: None,
-        sampled: flags & 1 == 1,
+    Some(Incoming {
+        ids: Some((parse_trace_id(trace)?, parse_span_id(span)?)),
+        sampled: Some(flags & 1 == 1),
+        w3c: true,
     })
 }
 
-fn parse_b3_single(s: &str) -> Option<TraceContext> {
-    let mut parts = s.trim().split('-');
+/// B3 single header: `{trace}-{span}[-{sampled}[-{parent}]]`, or a
+/// decision alone (`0`, `1`, `d`).
+fn parse_b3_single(s: &str) -> Option<Incoming> {
+    let decision = |v: &str| match v {
+        "0" => Some(Some(false)),
+        "1" | "d" => Some(Some(true)),
+        _ => None,
+    };
+    let s = s.trim();
+    if let Some(sampled) = decision(s) {
+        return Some(Incoming {
+            ids: None,
+            sampled,
+            w3c: false,
+        });
+    }
+    let mut parts = s.split('-');
     let trace_id = parse_trace_id(parts.next()?)?;
     let span_id = parse_span_id(parts.next()?)?;
-    let sampled = !matches!(parts.next(), Some("0"));
-    Some(TraceContext {
-        trace_id,
-        span_id,
-        parent: None,
+    let sampled = match parts.next() {
+        None => None,
+        Some(v) => decision(v)?,
+    };
+    if let Some(parent) = parts.next() {
+        parse_span_id(parent)?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Incoming {
+        ids: Some((trace_id, span_id)),
         sampled,
+        w3c: false,
     })
 }
 

@@ -704,7 +704,15 @@ fn set_errors_name_the_key_and_what_is_allowed() {
     );
     assert_eq!(
         err(&["telemetry.accessLog=yaml"]),
-        "telemetry.accessLog: \"yaml\" is not off, json, text or a %field% template"
+        "telemetry.accessLog: access-log format \"yaml\": json, text, or a template with %field%s"
+    );
+    assert!(
+        err(&["telemetry.accessLog=%method% %bogus%"])
+            .starts_with("telemetry.accessLog: unknown access-log field %bogus%")
+    );
+    assert_eq!(
+        err(&["telemetry.tracing.zipkinAddress=https://zipkin:9411"]),
+        "telemetry.tracing.zipkinAddress: https://zipkin:9411: collectors are reached over plain HTTP"
     );
     assert_eq!(
         Values::with_sets(

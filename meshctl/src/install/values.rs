@@ -311,11 +311,16 @@ impl Values {
                 "telemetry.tracing.sampling: {sampling} is not a percentage (0 to 100)"
             ));
         }
+        // What the proxies would refuse to start with is refused here.
         let log = &self.telemetry.access_log;
-        if !matches!(log.as_str(), "off" | "json" | "text") && !log.contains('%') {
-            return Err(format!(
-                "telemetry.accessLog: {log:?} is not off, json, text or a %field% template"
-            ));
+        if log != "off" {
+            mesh_proxy::telemetry::LogFormat::parse(log)
+                .map_err(|e| format!("telemetry.accessLog: {e}"))?;
+        }
+        let zipkin = &self.telemetry.tracing.zipkin_address;
+        if !zipkin.is_empty() {
+            mesh_proxy::telemetry::Collector::parse_zipkin(zipkin)
+                .map_err(|e| format!("telemetry.tracing.zipkinAddress: {e}"))?;
         }
         if self.hub.is_empty() || self.tag.is_empty() {
             return Err("hub and tag must not be empty".into());

@@ -10,7 +10,7 @@ mesh_proxy_downstream_connections 3
 "#;
 
 const CALLEE: &str = r#"istio_requests_total{reporter="destination",source_workload="productpage-v1",source_workload_namespace="default",source_app="productpage",source_version="v1",destination_workload="reviews-v2",destination_workload_namespace="default",destination_app="reviews",destination_version="v2",destination_service="reviews.default.svc.cluster.local",request_protocol="http",response_code="200",connection_security_policy="mutual_tls"} 95
-istio_requests_total{reporter="destination",source_workload="unknown",source_workload_namespace="unknown",source_app="unknown",source_version="unknown",destination_workload="reviews-v2",destination_workload_namespace="default",destination_app="reviews",destination_version="v2",destination_service="reviews.default.svc.cluster.local",request_protocol="http",response_code="200",connection_security_policy="none"} 4
+istio_requests_total{reporter="destination",source_workload="unknown",source_workload_namespace="unknown",source_principal="unknown",source_app="unknown",source_version="unknown",destination_workload="reviews-v2",destination_workload_namespace="default",destination_app="reviews",destination_version="v2",destination_service="reviews.default.svc.cluster.local",request_protocol="http",response_code="200",connection_security_policy="none"} 4
 "#;
 
 #[test]
@@ -42,18 +42,23 @@ fn quantiles_interpolate_within_a_bucket() {
     assert_eq!(quantile(0.99, &[]), None);
 }
 
-fn sample(texts: &[&str]) -> Sample {
-    let mut s = Sample::default();
-    for t in texts {
-        add_exposition(&mut s, t);
-    }
-    s
+/// A reading of proxies by id, each with its exposition.
+fn reading(proxies: &[(&str, &str)]) -> Reading {
+    proxies
+        .iter()
+        .map(|(id, text)| {
+            let mut s = Sample::default();
+            add_exposition(&mut s, text);
+            (id.to_string(), s)
+        })
+        .collect()
 }
 
 #[test]
 fn edges_come_from_callers_with_mtls_from_callees() {
-    let old = sample(&[]);
-    let new = sample(&[CALLER, CALLEE]);
+    // Both proxies answered before, with nothing counted yet.
+    let old = reading(&[("caller", ""), ("callee", "")]);
+    let new = reading(&[("caller", CALLER), ("callee", CALLEE)]);
     let edges = rates(&old, &new, 10.0);
     assert_eq!(edges.len(), 2, "{edges:#?}");
     let main = edges
@@ -82,14 +87,37 @@ fn edges_come_from_callers_with_mtls_from_callees() {
 
 #[test]
 fn rates_are_differences_and_the_first_reading_has_none() {
-    let first = sample(&[CALLER]);
+    let first = reading(&[("caller", CALLER)]);
     assert!(rates(&first, &first, 0.0).iter().all(|(_, e)| e.rps == 0.0));
-    let later = sample(&[&CALLER.replace("} 90\n", "} 130\n")]);
+    let later = reading(&[("caller", &CALLER.replace("} 90\n", "} 130\n"))]);
     let edges = rates(&first, &later, 4.0);
     let e = &edges[0].1;
     assert_eq!(e.rps, 10.0, "40 more requests in 4 s");
     assert_eq!(e.error_rate, 0.0, "no new errors");
     assert_eq!(e.p99_ms, None, "no new observations in the histogram");
+
+    // A proxy seen for the first time has no baseline: its lifetime
+    // counters are not this window's traffic.
+    let newcomer = reading(&[
+        ("caller", &CALLER.replace("} 90\n", "} 130\n")),
+        ("other", CALLER),
+    ]);
+    assert_eq!(rates(&first, &newcomer, 4.0)[0].1.rps, 10.0);
+    // One that vanished does not hide the others'; one that restarted
+    // counts from zero.
+    let restarted = reading(&[("caller", &CALLER.replace("} 90\n", "} 20\n"))]);
+    assert_eq!(rates(&first, &restarted, 4.0)[0].1.rps, 30.0 / 4.0);
+}
+
+#[test]
+fn tcp_callees_do_not_count_a_caller_twice() {
+    let tcp = r#"istio_tcp_connections_opened_total{reporter="destination",source_workload="unknown",source_workload_namespace="default",source_principal="spiffe://cluster.local/ns/default/sa/db-client",source_app="unknown",source_version="unknown",destination_workload="db-v1",destination_workload_namespace="default",destination_app="db",destination_version="v1",destination_service="db.default.svc.cluster.local",request_protocol="tcp",connection_security_policy="mutual_tls"} 7
+"#;
+    let edges = rates(&reading(&[("db", "")]), &reading(&[("db", tcp)]), 1.0);
+    assert!(
+        edges.is_empty(),
+        "the caller's sidecar reports it: {edges:?}"
+    );
 }
 
 #[test]
@@ -99,7 +127,7 @@ fn the_view_marks_gateways_and_keeps_idle_workloads() {
         .lock()
         .unwrap()
         .samples
-        .push_back((Instant::now(), sample(&[CALLER])));
+        .push_back((Instant::now(), reading(&[("caller", CALLER)])));
     let idle = NodeRef {
         namespace: "default".into(),
         workload: "ratings-v1".into(),

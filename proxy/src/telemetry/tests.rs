@@ -10,51 +10,95 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
 
 #[test]
 fn trace_context_is_read_from_w3c_and_b3() {
-    let w3c = headers(&[(
+    let read = |pairs: &[(&'static str, &str)]| TraceContext::incoming(&headers(pairs));
+    let t = read(&[(
         "traceparent",
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-    )]);
-    let t = TraceContext::incoming(&w3c).unwrap();
-    assert_eq!(t.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
-    assert_eq!(t.span_id, 0x00f067aa0ba902b7);
-    assert!(t.sampled);
-
-    let unsampled = headers(&[(
+    )])
+    .unwrap();
+    assert_eq!(
+        t.ids,
+        Some((0x4bf92f3577b34da6a3ce929d0e0e4736, 0x00f067aa0ba902b7))
+    );
+    assert_eq!(t.sampled, Some(true));
+    assert!(t.w3c);
+    let unsampled = read(&[(
         "traceparent",
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
     )]);
-    assert!(!TraceContext::incoming(&unsampled).unwrap().sampled);
+    assert_eq!(unsampled.unwrap().sampled, Some(false));
 
-    let b3 = headers(&[
+    let b3 = read(&[
         ("x-b3-traceid", "463ac35c9f6413ad"),
         ("x-b3-spanid", "a2fb4a1d1a96d312"),
         ("x-b3-sampled", "1"),
+    ])
+    .unwrap();
+    assert_eq!(b3.ids, Some((0x463ac35c9f6413ad, 0xa2fb4a1d1a96d312)));
+    assert_eq!(b3.sampled, Some(true));
+    assert!(!b3.w3c);
+    // No sampling header: the caller deferred the decision.
+    let deferred = read(&[
+        ("x-b3-traceid", "463ac35c9f6413ad"),
+        ("x-b3-spanid", "a2fb4a1d1a96d312"),
     ]);
-    let t = TraceContext::incoming(&b3).unwrap();
-    assert_eq!(t.trace_id, 0x463ac35c9f6413ad);
-    assert_eq!(t.span_id, 0xa2fb4a1d1a96d312);
-    assert!(t.sampled);
+    assert_eq!(deferred.unwrap().sampled, None);
 
-    let single = headers(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0")]);
-    let t = TraceContext::incoming(&single).unwrap();
-    assert_eq!(t.span_id, 0xe457b5a2e4d86bd1);
-    assert!(!t.sampled);
+    let single = read(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0")]).unwrap();
+    assert_eq!(single.ids.unwrap().1, 0xe457b5a2e4d86bd1);
+    assert_eq!(single.sampled, Some(false));
+    let with_parent = read(&[(
+        "b3",
+        "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-d-05e3ac9a4f6e3b90",
+    )]);
+    assert_eq!(with_parent.unwrap().sampled, Some(true));
+    let two_fields = read(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1")]);
+    assert_eq!(two_fields.unwrap().sampled, None);
+    // A decision alone.
+    let deny = read(&[("b3", "0")]).unwrap();
+    assert_eq!((deny.ids, deny.sampled), (None, Some(false)));
+    assert_eq!(read(&[("x-b3-sampled", "1")]).unwrap().sampled, Some(true));
 
     // Malformed or all-zero ids are no context at all.
     for bad in [
         "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
         "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
         "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
         "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
         "00-xyz",
     ] {
-        assert_eq!(
-            TraceContext::incoming(&headers(&[("traceparent", bad)])),
-            None,
-            "{bad}"
-        );
+        assert_eq!(read(&[("traceparent", bad)]), None, "{bad}");
     }
+    for bad in [
+        "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-x",
+        "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-zz",
+        "2",
+    ] {
+        assert_eq!(read(&[("b3", bad)]), None, "{bad}");
+    }
+}
+
+#[test]
+fn a_request_gets_its_span_under_the_callers_and_its_decision() {
+    let caller = headers(&[(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+    )]);
+    let t = TraceContext::for_request(&caller, 100.0);
+    assert_eq!(t.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+    assert_eq!(t.parent, Some(0x00f067aa0ba902b7));
+    assert!(!t.sampled, "the caller's decision stands");
+    // Deferred: this proxy's rate decides.
+    let deferred = headers(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1")]);
+    assert!(!TraceContext::for_request(&deferred, 0.0).sampled);
+    assert!(TraceContext::for_request(&deferred, 100.0).sampled);
+    // A decision alone starts a trace with it.
+    let deny = TraceContext::for_request(&headers(&[("b3", "0")]), 100.0);
+    assert_eq!(deny.parent, None);
+    assert!(!deny.sampled);
 }
 
 #[test]
@@ -64,6 +108,7 @@ fn a_child_span_is_written_in_both_formats() {
         span_id: 0x00f067aa0ba902b7,
         parent: None,
         sampled: true,
+        w3c: true,
     };
     let child = parent.child();
     assert_eq!(child.trace_id, parent.trace_id);
@@ -92,10 +137,15 @@ fn a_child_span_is_written_in_both_formats() {
     );
     // What was written reads back as the same context.
     let again = TraceContext::incoming(&h).unwrap();
-    assert_eq!(
-        (again.trace_id, again.span_id),
-        (child.trace_id, child.span_id)
-    );
+    assert_eq!(again.ids, Some((child.trace_id, child.span_id)));
+    // Without a valid traceparent from the caller, its tracestate goes.
+    let mut h = headers(&[("tracestate", "vendor=1")]);
+    TraceContext {
+        w3c: false,
+        ..child
+    }
+    .write(&mut h);
+    assert!(h.get("tracestate").is_none());
 }
 
 #[test]
@@ -278,4 +328,22 @@ fn times_are_rfc3339() {
     let t = UNIX_EPOCH + Duration::from_millis(1_709_251_200_123); // 2024-03-01
     assert_eq!(rfc3339(t), "2024-03-01T00:00:00.123Z");
     assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+}
+
+#[test]
+fn a_request_the_client_abandons_is_still_logged() {
+    let (p, rx) = pending(Kind::Client, LogFormat::Json);
+    // The serving future is dropped before any response: so is the record.
+    drop(p);
+    let v: Value = serde_json::from_str(&rx.try_recv().unwrap()).unwrap();
+    assert_eq!(v["status"], 0);
+    assert_eq!(v["response_flags"], "DC");
+    assert_eq!(v["reason"], "client disconnected");
+    // A finished record is logged once, not again when dropped.
+    let (p, rx) = pending(Kind::Client, LogFormat::Json);
+    let mut resp = Response::new(Body::full("ok"));
+    finish_with(p, &mut resp);
+    drop(resp);
+    assert!(rx.try_recv().is_ok());
+    assert!(rx.try_recv().is_err(), "one line per request");
 }

@@ -210,7 +210,12 @@ clusters:
         metrics = send(&c, metrics_addr, "x", "/stats/prometheus", &[])
             .await
             .body;
-        if metrics.contains("istio_tcp_connections_closed_total{") {
+        let received = metrics
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_received_bytes_total{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if metrics.contains("istio_tcp_connections_closed_total{") && received == Some(23.0) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
