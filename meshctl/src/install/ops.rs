@@ -198,11 +198,18 @@ pub async fn material(client: &kube::Client, trust_domain: &str) -> Result<Mater
                 ca_pem: get("ca.crt"),
                 cert_pem: get("tls.crt"),
                 key_pem: get("tls.key"),
+                previous_ca_pem: String::new(),
             };
             if webhook_usable(&tls) {
                 tls
             } else {
-                fresh.webhook
+                // The running injector serves the old certificate until
+                // its volume refreshes: the API server trusts both CAs
+                // meanwhile. The next install drops the old one.
+                WebhookTls {
+                    previous_ca_pem: tls.ca_pem,
+                    ..fresh.webhook
+                }
             }
         }
         None => fresh.webhook,
@@ -298,7 +305,23 @@ pub async fn install(
             part.len()
         )?;
         for o in &part {
-            apply(client, o).await?;
+            if found_unowned(client, o).await? {
+                // Not made by install: used as it is, never pruned or
+                // removed by uninstall.
+                writeln!(
+                    out,
+                    "  {} exists and was not created by meshctl: it is left in place and uninstall keeps it",
+                    o.describe()
+                )?;
+                let mut kept = (*o).clone();
+                if let Some(labels) = kept.value["metadata"]["labels"].as_object_mut() {
+                    labels.remove(MANAGED_BY);
+                    labels.remove(render::COMPONENT_LABEL);
+                }
+                apply(client, &kept).await?;
+            } else {
+                apply(client, o).await?;
+            }
         }
         wait_stage(client, &part, timing)
             .await
@@ -326,6 +349,25 @@ pub async fn install(
         "✔ Installation complete. Turn on injection with: kubectl label namespace default mesh-injection=enabled"
     )?;
     Ok(())
+}
+
+/// Whether `o` already exists without install's label (someone else made
+/// it: a namespace, a plug-in CA Secret, their own policy).
+async fn found_unowned(client: &kube::Client, o: &Object) -> Result<bool> {
+    let info = kind_info(o.api_version(), o.kind())?;
+    let api = api_for(client, info, o.namespace());
+    Ok(match api.get_opt(o.name()).await {
+        Ok(Some(existing)) => existing
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MANAGED_BY))
+            .is_none_or(|m| m != MANAGER),
+        Ok(None) => false,
+        // The kind is not served yet (a CRD about to be created).
+        Err(kube::Error::Api(e)) if e.code == 404 => false,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", o.describe())),
+    })
 }
 
 /// Server-side apply of one object.

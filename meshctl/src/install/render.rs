@@ -108,10 +108,13 @@ pub struct Material {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct WebhookTls {
-    /// What the API server trusts (the webhook configuration's caBundle).
+    /// The CA that signed the serving certificate.
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The CA being replaced, still trusted in the caBundle while the
+    /// injector reloads its new certificate (empty otherwise).
+    pub previous_ca_pem: String,
 }
 
 impl Material {
@@ -160,6 +163,7 @@ impl WebhookTls {
         let cert = leaf.signed_by(&key, &issuer).map_err(err)?;
         Ok(WebhookTls {
             ca_pem: ca_cert.pem(),
+            previous_ca_pem: String::new(),
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
@@ -285,7 +289,11 @@ pub fn render(values: &Values, material: &Material, kubernetes_minor: u32) -> Ve
         }
         for mut doc in manifest!("injector/mutatingwebhook.yaml") {
             use base64::Engine;
-            let bundle = base64::engine::general_purpose::STANDARD.encode(&material.webhook.ca_pem);
+            let trusted = format!(
+                "{}{}",
+                material.webhook.ca_pem, material.webhook.previous_ca_pem
+            );
+            let bundle = base64::engine::general_purpose::STANDARD.encode(trusted);
             for hook in doc["webhooks"].as_array_mut().into_iter().flatten() {
                 hook["clientConfig"]["caBundle"] = bundle.clone().into();
             }

@@ -930,3 +930,112 @@ fn pod_problems_say_what_is_wrong() {
     );
     assert!(ops::pod_problem(&creating).is_none());
 }
+
+#[tokio::test]
+async fn what_existed_before_install_is_used_but_never_removed() {
+    use base64::Engine;
+    let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+    let plug_in = render::Material::generate("cluster.local").unwrap();
+    let state = Arc::new(Mutex::new(State::default()));
+    {
+        // The platform team made the namespace and brought its own CA.
+        let mut s = state.lock().unwrap();
+        s.objects.insert(
+            (
+                "/api/v1".into(),
+                "namespaces".into(),
+                None,
+                "mesh-system".into(),
+            ),
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": "mesh-system", "labels": {"team": "platform"}}}),
+        );
+        let data: serde_json::Map<String, Value> = plug_in
+            .ca
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(b64(v))))
+            .collect();
+        s.objects.insert(
+            (
+                "/api/v1".into(),
+                "secrets".into(),
+                Some("mesh-system".into()),
+                render::CA_SECRET.into(),
+            ),
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": render::CA_SECRET, "namespace": "mesh-system"},
+                   "data": data}),
+        );
+    }
+    let out = install(&state, &values(Profile::Minimal, &[]))
+        .await
+        .unwrap();
+    assert!(
+        out.contains("Namespace mesh-system exists and was not created by meshctl"),
+        "{out}"
+    );
+    {
+        let s = state.lock().unwrap();
+        let ca = s
+            .applied
+            .iter()
+            .find(|o| o["kind"] == "Secret" && o["metadata"]["name"] == render::CA_SECRET)
+            .unwrap();
+        assert_eq!(
+            ca["stringData"]["ca-cert.pem"], plug_in.ca["ca-cert.pem"],
+            "the plug-in CA is what pilot gets"
+        );
+        assert!(ca["metadata"]["labels"].get(render::MANAGED_BY).is_none());
+    }
+    ops::uninstall(&client(state.clone()), true, FAST, &mut Vec::new())
+        .await
+        .unwrap();
+    let s = state.lock().unwrap();
+    let left: Vec<&str> = s.objects.keys().map(|(_, _, _, n)| n.as_str()).collect();
+    assert_eq!(left, vec!["mesh-system", render::CA_SECRET], "{left:?}");
+}
+
+#[tokio::test]
+async fn a_renewed_webhook_certificate_is_trusted_alongside_the_old_one() {
+    use base64::Engine;
+    let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+    let old = render::WebhookTls::generate().unwrap();
+    let state = Arc::new(Mutex::new(State::default()));
+    // The serving certificate is no longer usable (here: unreadable).
+    state.lock().unwrap().objects.insert(
+        (
+            "/api/v1".into(),
+            "secrets".into(),
+            Some("mesh-system".into()),
+            render::WEBHOOK_SECRET.into(),
+        ),
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": render::WEBHOOK_SECRET, "namespace": "mesh-system",
+                            "labels": {render::MANAGED_BY: "meshctl"}},
+               "data": {"ca.crt": b64(&old.ca_pem), "tls.crt": b64("not a certificate"),
+                        "tls.key": b64(&old.key_pem)}}),
+    );
+    install(&state, &values(Profile::Default, &[]))
+        .await
+        .unwrap();
+    let s = state.lock().unwrap();
+    let hook = s
+        .applied
+        .iter()
+        .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    let bundle = base64::engine::general_purpose::STANDARD
+        .decode(
+            hook["webhooks"][0]["clientConfig"]["caBundle"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    let bundle = String::from_utf8(bundle).unwrap();
+    assert!(bundle.contains(&old.ca_pem), "the old CA is still trusted");
+    assert_eq!(
+        bundle.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "and the new one"
+    );
+}
