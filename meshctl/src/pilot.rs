@@ -32,19 +32,10 @@ async fn fetch(addr: &str, path: &str) -> Result<Bytes> {
             "cannot reach pilot at {addr} (is `meshctl demo` running? otherwise pass --pilot HOST:PORT)"
         )
     })?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (status, body) = get_all(stream, addr, &[path])
         .await
-        .with_context(|| format!("talking to pilot at {addr}"))?;
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header(http::header::HOST, addr)
-        .body(Empty::<Bytes>::new())?;
-    let resp = send
-        .send_request(req)
-        .await
-        .with_context(|| format!("GET {path} from pilot at {addr}"))?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
+        .with_context(|| format!("GET {path} from pilot at {addr}"))?
+        .remove(0);
     if !status.is_success() {
         bail!(
             "pilot at {addr} answered {path} with {status}: {}",
@@ -52,4 +43,32 @@ async fn fetch(addr: &str, path: &str) -> Result<Bytes> {
         );
     }
     Ok(body)
+}
+
+/// `GET` each path in turn over one HTTP/1.1 connection on `io`.
+pub async fn get_all<T>(
+    io: T,
+    authority: &str,
+    paths: &[&str],
+) -> Result<Vec<(http::StatusCode, Bytes)>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    let mut out = Vec::new();
+    for path in paths {
+        send.ready().await?;
+        let req = http::Request::get(*path)
+            .header(http::header::HOST, authority)
+            .body(Empty::<Bytes>::new())?;
+        let resp = send
+            .send_request(req)
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        out.push((status, body));
+    }
+    Ok(out)
 }

@@ -19,8 +19,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use mesh_api::model::{
@@ -37,6 +35,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::local::GetFormat;
+use crate::pilot::get_all;
 use crate::status::write_rows;
 
 /// The proxy's admin port (loopback only).
@@ -1060,15 +1059,7 @@ pub fn local_proxy<'a>(proxies: &'a [ProxyStatus], target: &str) -> Option<&'a P
 /// The answers to `paths`, and who gave them (for messages).
 fn fetch(req: &Request, paths: &[&str]) -> Result<(String, Vec<(StatusCode, Bytes)>)> {
     if let Some(addr) = req.admin {
-        let got = block_on(async {
-            let stream = tokio::net::TcpStream::connect(addr)
-                .await
-                .with_context(|| format!("cannot reach a proxy's admin port at {addr}"))?;
-            get_all(stream, addr, paths)
-                .await
-                .with_context(|| format!("the proxy's admin port at {addr} did not answer"))
-        })?;
-        return Ok((addr.to_string(), got));
+        return Ok((addr.to_string(), admin_get(addr, paths, "the proxy")?));
     }
     let Some(target) = req.target else {
         bail!(
@@ -1092,24 +1083,8 @@ fn fetch(req: &Request, paths: &[&str]) -> Result<(String, Vec<(StatusCode, Byte
                         .workload
                         .split_once('/')
                         .map_or(p.workload.as_str(), |(_, w)| w);
-                    if let Some(addr) = state
-                        .admin
-                        .get(workload)
-                        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-                    {
-                        let got = block_on(async {
-                            let stream =
-                                tokio::net::TcpStream::connect(addr)
-                                    .await
-                                    .with_context(|| {
-                                        format!("cannot reach {}'s admin port at {addr}", p.proxy)
-                                    })?;
-                            get_all(stream, &addr.to_string(), paths)
-                                .await
-                                .with_context(|| {
-                                    format!("{}'s admin port at {addr} did not answer", p.proxy)
-                                })
-                        })?;
+                    if let Some(addr) = state.admin.get(workload) {
+                        let got = admin_get(addr, paths, &p.proxy)?;
                         return Ok((format!("{} ({addr})", p.proxy), got));
                     }
                     bail!(
@@ -1245,28 +1220,17 @@ pub(crate) fn has_proxy(pod: &Pod) -> bool {
     })
 }
 
-/// `GET` each path in turn over one HTTP/1.1 connection.
-async fn get_all<T>(io: T, authority: &str, paths: &[&str]) -> Result<Vec<(StatusCode, Bytes)>>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-    tokio::spawn(conn);
-    let mut out = Vec::new();
-    for path in paths {
-        send.ready().await?;
-        let req = http::Request::get(*path)
-            .header(http::header::HOST, authority)
-            .body(Empty::<Bytes>::new())?;
-        let resp = send
-            .send_request(req)
+/// The answers to `paths` from the admin port at `addr` (`who` for
+/// messages).
+fn admin_get(addr: &str, paths: &[&str], who: &str) -> Result<Vec<(StatusCode, Bytes)>> {
+    block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr)
             .await
-            .with_context(|| format!("GET {path}"))?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        out.push((status, body));
-    }
-    Ok(out)
+            .with_context(|| format!("cannot reach {who}'s admin port at {addr}"))?;
+        get_all(stream, addr, paths)
+            .await
+            .with_context(|| format!("{who}'s admin port at {addr} did not answer"))
+    })
 }
 
 #[cfg(test)]

@@ -179,7 +179,7 @@ pub struct Metrics {
     /// one), set at each scrape.
     pub cert_expiry: Gauge,
     /// Callers' workload metadata by `x-mesh-peer` value (bounded).
-    peers: Mutex<HashMap<Box<[u8]>, Peer>>,
+    peers: std::sync::RwLock<HashMap<Box<[u8]>, Peer>>,
 }
 
 /// The request header a client sidecar tells the server sidecar its
@@ -336,7 +336,7 @@ impl Metrics {
             handle,
             requests: Mutex::new(HashMap::new()),
             tcp: Mutex::new(HashMap::new()),
-            peers: Mutex::new(HashMap::new()),
+            peers: std::sync::RwLock::new(HashMap::new()),
         }
     }
 
@@ -352,13 +352,20 @@ impl Metrics {
         let (Some(raw), Some(_)) = (announced, identity) else {
             return verified;
         };
-        let mut cache = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let announced = match cache.get(raw.as_bytes()) {
-            Some(p) => p.clone(),
+        // Known callers only take the read lock.
+        let cached = self
+            .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(raw.as_bytes())
+            .cloned();
+        let announced = match cached {
+            Some(p) => p,
             None => {
                 let Some(p) = parse_peer(raw.as_bytes()) else {
                     return verified;
                 };
+                let mut cache = self.peers.write().unwrap_or_else(|e| e.into_inner());
                 // Full: new callers count by identity only, so announced
                 // values cannot grow the series without bound.
                 if cache.len() >= PEER_CACHE {
@@ -368,7 +375,6 @@ impl Metrics {
                 p
             }
         };
-        drop(cache);
         if announced.namespace != verified.namespace {
             return verified;
         }

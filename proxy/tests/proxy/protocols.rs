@@ -205,8 +205,10 @@ clusters:
     // connection closes.
     drop(s);
     let metrics_addr = p.metrics.unwrap();
+    // Polled until the closed connection is counted (2 s at most).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
     let mut metrics = String::new();
-    for _ in 0..100 {
+    while std::time::Instant::now() < deadline {
         metrics = send(&c, metrics_addr, "x", "/stats/prometheus", &[])
             .await
             .body;
