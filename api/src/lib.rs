@@ -5,6 +5,7 @@
 
 pub mod analysis;
 pub mod ca;
+pub mod capture;
 pub mod convert;
 pub mod crd;
 pub mod discovery;

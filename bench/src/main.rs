@@ -257,9 +257,45 @@ impl Histogram {
 // ---------------------------------------------------------------- load
 
 /// One request on the timetable.
+/// One request of a fixed-rate run: when it was due, and whether it is
+/// past the warm-up (recorded).
 struct Job {
     scheduled: Instant,
     record: bool,
+}
+
+/// The timetable of a fixed-rate run, on its own thread (a thread sleep is
+/// good to tens of microseconds, tokio's timer to a millisecond): from
+/// `start` until `end`, a job every `1/rate` s, dealt to the workers in
+/// turn. Returns how many recorded jobs it scheduled; a job sent to a
+/// worker that has passed the hard stop is lost, and the caller counts it.
+fn timetable(
+    start: Instant,
+    measure_start: Instant,
+    end: Instant,
+    rate: f64,
+    txs: Vec<mpsc::UnboundedSender<Job>>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut scheduled = 0u64;
+        for k in 0u64.. {
+            let t = start + Duration::from_secs_f64(k as f64 / rate);
+            if t >= end {
+                break;
+            }
+            let now = Instant::now();
+            if t > now {
+                std::thread::sleep(t - now);
+            }
+            let record = t >= measure_start;
+            scheduled += u64::from(record);
+            let _ = txs[(k % txs.len() as u64) as usize].send(Job {
+                scheduled: t,
+                record,
+            });
+        }
+        scheduled
+    })
 }
 
 #[derive(Default)]
@@ -513,31 +549,7 @@ async fn load(a: &LoadArgs) -> anyhow::Result<Report> {
         )));
     }
 
-    // The timetable runs on its own thread: tokio's timer has millisecond
-    // granularity, a thread sleep is good to tens of microseconds.
-    let rate = a.rate;
-    let timetable = std::thread::spawn(move || {
-        let mut scheduled = 0u64;
-        for k in 0u64.. {
-            let t = start + Duration::from_secs_f64(k as f64 / rate);
-            if t >= end {
-                break;
-            }
-            let now = Instant::now();
-            if t > now {
-                std::thread::sleep(t - now);
-            }
-            let record = t >= measure_start;
-            scheduled += u64::from(record);
-            // A worker that is gone has passed the hard stop: the job is lost
-            // and counted below as a timeout.
-            let _ = txs[(k % txs.len() as u64) as usize].send(Job {
-                scheduled: t,
-                record,
-            });
-        }
-        scheduled
-    });
+    let timetable = timetable(start, measure_start, end, a.rate, txs);
 
     let mut hist = Histogram::new();
     let mut errors = Errors::default();

@@ -149,12 +149,16 @@ pub fn namespaces_available() -> bool {
 }
 
 /// The namespace variant runs unless `MESH_E2E_EXPLICIT` is set or the
-/// machine cannot.
+/// machine cannot. With `MESH_E2E_NAMESPACES` set (the test script sets it
+/// as root), a machine that cannot is an error rather than a fallback.
 fn use_namespaces() -> Result<(), String> {
     if std::env::var_os("MESH_E2E_EXPLICIT").is_some() {
         return Err("MESH_E2E_EXPLICIT is set".into());
     }
     match crate::netns::unavailable() {
+        Some(why) if std::env::var_os("MESH_E2E_NAMESPACES").is_some() => {
+            panic!("MESH_E2E_NAMESPACES is set but network namespaces cannot be used: {why}")
+        }
         Some(why) => Err(why),
         None => Ok(()),
     }
@@ -791,7 +795,7 @@ fn injected_sidecar(
         .and_then(|s| s.service_account_name.clone())
         .unwrap_or_else(|| "default".into());
     let settings = mesh_injector::Settings {
-        pilot_address: format!("{HUB}:15010"),
+        pilot_address: format!("https://{HUB}:15012"),
         ca_address: format!("{HUB}:15012"),
         log_level: "error".into(),
         ..Default::default()

@@ -26,7 +26,32 @@ pub fn unavailable() -> Option<String> {
             return Some(format!("{tool} is not installed"));
         }
     }
-    None
+    // Root in a container may still be refused namespaces: try one.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let probe = format!(
+        "mesh-probe-{}-{}",
+        std::process::id(),
+        PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let made = Command::new("ip")
+        .args(["netns", "add", &probe])
+        .output()
+        .map_err(|e| e.to_string())
+        .and_then(|o| {
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&o.stderr).trim().to_string())
+            }
+        });
+    let _ = Command::new("ip")
+        .args(["netns", "del", &probe])
+        .stderr(Stdio::null())
+        .status();
+    match made {
+        Ok(()) => None,
+        Err(why) => Some(format!("ip netns add is refused: {why}")),
+    }
 }
 
 pub fn run(args: &[&str]) {

@@ -255,6 +255,42 @@ async fn meshctl_demo_serves_bookinfo_and_takes_config_live() {
     .await;
     assert!(back, "jason's route deleted");
 
+    // Istio's apiVersions apply as the mesh's do, and so does a directory.
+    let dir = home.join("istio");
+    std::fs::create_dir_all(&dir).unwrap();
+    let split = std::fs::read_to_string(
+        repo().join("samples/bookinfo/networking/virtual-service-reviews-50-v3.yaml"),
+    )
+    .unwrap()
+    .replace("networking.mesh.dev/v1", "networking.istio.io/v1beta1");
+    assert!(split.contains("networking.istio.io/v1beta1"), "{split}");
+    std::fs::write(dir.join("reviews-50-v3.yaml"), split).unwrap();
+    let out = meshctl(&home, &["apply", "-f", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let versions = || async {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            let (_, body) = call(demo.gateway, "/api/v1/products/0/reviews", &[]).await;
+            seen.insert(podname(&body));
+        }
+        seen.into_iter().collect::<Vec<_>>()
+    };
+    let split_applied = eventually(Duration::from_secs(5), || async {
+        versions().await == ["reviews-v1", "reviews-v3"]
+    })
+    .await;
+    assert!(split_applied, "50/50 v1/v3 from an Istio VirtualService");
+    let out = meshctl(&home, &["delete", "-f", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let rotating = eventually(Duration::from_secs(5), || async {
+        versions().await.len() == 3
+    })
+    .await;
+    assert!(
+        rotating,
+        "deleting the directory's resources restores rotation"
+    );
+
     // Every proxy took what it was sent.
     let out = meshctl(&home, &["proxy-status"]);
     let status = text(&out.stdout);

@@ -1,6 +1,7 @@
 //! Pilot and real proxies on loopback: config pushed over xDS, changed
-//! live under load, pilot killed and restarted, a rejected resource seen
-//! in `meshctl proxy-status`.
+//! live under load, pilot killed and restarted, a reconnect that resends
+//! nothing the proxy still holds, a rejected resource seen in `meshctl
+//! proxy-status`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -472,4 +473,165 @@ async fn a_rejected_resource_is_nacked_shown_and_the_previous_version_keeps_serv
         http_get(status, "/debug/syncz").await
     );
     server.abort();
+}
+
+/// A TCP relay in front of pilot that can be cut: while down, it drops the
+/// connections it carries and every new one.
+struct Cable {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cable {
+    async fn to(upstream: SocketAddr) -> Cable {
+        let listener = tokio::net::TcpListener::bind(local(0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (u, c) = (up.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if !u.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut to_pilot) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut to_pilot).await;
+                    }
+                });
+                c.lock().unwrap().push(conn.abort_handle());
+            }
+        });
+        Cable {
+            addr,
+            up,
+            conns,
+            task,
+        }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn mend(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cable {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+/// `pilot_xds_pushes_total` of one type, and the connected proxies.
+fn pushes(pilot: &mesh_pilot::Running, ty: &str) -> f64 {
+    let text = pilot.pilot.metrics.render();
+    let prefix = format!("pilot_xds_pushes_total{{type=\"{ty}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn connected_proxies(pilot: &mesh_pilot::Running) -> f64 {
+    pilot
+        .pilot
+        .metrics
+        .render()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("pilot_xds_connected_proxies ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_proxy_is_sent_what_changed_and_not_the_clusters_it_holds() {
+    let m = mesh("resume").await;
+    let pilot = start_pilot(&m.dir).await;
+    let cable = Cable::to(pilot.xds_addr).await;
+    let caller = sidecar(cable.addr, "caller", &[("app", "caller")]).await;
+    let proxy = caller.explicit.unwrap();
+    assert!(ready(&caller).await, "the proxy got its config");
+    let c = client();
+    assert_eq!(
+        get(&c, proxy, "callme:8080", "/").await.unwrap().body,
+        "callme-v1"
+    );
+    let status = pilot.http_addr;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            http_get(status, "/debug/syncz")
+                .await
+                .is_some_and(|b| b.contains("\"state\":\"SYNCED\"") && b.contains("callme:8080"))
+        })
+        .await,
+        "{:?}",
+        http_get(status, "/debug/syncz").await
+    );
+    let clusters = pushes(&pilot, "Cluster");
+    let destinations = pushes(&pilot, "Destination");
+    assert!(clusters >= 1.0, "the clusters of callme were sent once");
+
+    // The link to pilot breaks; meanwhile the route changes (its clusters
+    // do not).
+    cable.cut();
+    let xds_client = caller.proxy.xds.get().unwrap().clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let x = xds_client.clone();
+            let p = &pilot;
+            async move { !x.connected() && connected_proxies(p) == 0.0 }
+        })
+        .await,
+        "both ends saw the stream go"
+    );
+    write(
+        &m.dir.join("route.yaml"),
+        &route_to("v1").replace("- route:", "- timeout: 5s\n    route:"),
+    );
+    cable.mend();
+    // Back: pilot sends the changed destination (after whatever else the
+    // reconnect made it send)…
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pushes(&pilot, "Destination") > destinations
+        })
+        .await,
+        "the change made while away arrived"
+    );
+    // …and not one cluster: the proxy told it which it holds before
+    // asking for the destinations that route to them.
+    assert_eq!(pushes(&pilot, "Cluster"), clusters);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let x = xds_client.clone();
+            async move { x.connected() }
+        })
+        .await
+    );
+    for _ in 0..5 {
+        let got = get(&c, proxy, "callme:8080", "/").await.unwrap();
+        assert_eq!((got.status, got.body.as_str()), (200, "callme-v1"));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            http_get(status, "/debug/syncz")
+                .await
+                .is_some_and(|b| b.contains("\"state\":\"SYNCED\"") && !b.contains("\"nack\""))
+        })
+        .await,
+        "{:?}",
+        http_get(status, "/debug/syncz").await
+    );
 }

@@ -9,9 +9,10 @@
 //!   capture rules (the only container with NET_ADMIN and NET_RAW);
 //! - `mesh-proxy`: the sidecar (UID 1337, read-only root filesystem, no
 //!   privilege escalation, requests and limits, readiness on 15021), a
-//!   native sidecar (an init container with `restartPolicy: Always`) where
-//!   the cluster supports it, else the first container, optionally holding
-//!   the app until the proxy is ready;
+//!   native sidecar (an init container with `restartPolicy: Always` and a
+//!   startup probe, so later init containers and the app start once the
+//!   proxy is ready) where the cluster supports it, else the first
+//!   container, optionally holding the app until the proxy is ready;
 //! - a projected service-account token for the mesh's CA and a memory
 //!   volume for certificates;
 //! - `sidecar.mesh.dev/status` recording what was added, and Prometheus
@@ -20,7 +21,15 @@
 //!   (`/app-health/<container>/<kind>` on 15020), which forwards them to
 //!   the app, so they keep working when plaintext is refused.
 //!
-//! Injecting an injected pod returns it unchanged.
+//! Injecting an injected pod changes only what a later admission webhook
+//! may have added since: HTTP probes of app containers not yet rewritten
+//! are rewritten and the sidecar's `MESH_APP_PROBERS` updated. Injecting
+//! twice is injecting once: `inject(inject(p)) == inject(p)`.
+//!
+//! Every annotation value is checked the way its consumer reads it (the
+//! capture lists with `mesh-proxy init`'s own parser from
+//! [`mesh_api::capture`]), so a pod is either injected with values that
+//! work or not injected, with an error naming the annotation and value.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +42,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_api::capture::{self, ListError};
 use serde::{Deserialize, Serialize};
 
 pub const INIT_NAME: &str = "mesh-init";
@@ -78,7 +88,8 @@ pub struct Settings {
     /// The mesh-proxy image (init container and sidecar).
     pub proxy_image: String,
     pub image_pull_policy: Option<String>,
-    /// Where sidecars reach pilot's xDS.
+    /// Where sidecars reach pilot's xDS: `https://` for TLS checked
+    /// against the mesh root (the default, pilot's 15012).
     pub pilot_address: String,
     /// Where sidecars get their certificates (pilot's TLS port); empty
     /// for none.
@@ -111,7 +122,7 @@ impl Default for Settings {
         Settings {
             proxy_image: format!("mesh/proxy:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: None,
-            pilot_address: "mesh-pilot.mesh-system.svc:15010".into(),
+            pilot_address: "https://mesh-pilot.mesh-system.svc:15012".into(),
             ca_address: "mesh-pilot.mesh-system.svc:15012".into(),
             trust_domain: "cluster.local".into(),
             ca_audience: "mesh-ca".into(),
@@ -135,6 +146,9 @@ impl Default for Settings {
 pub enum Skip {
     /// The pod says `sidecar.mesh.dev/inject: "false"`.
     PodDisabled,
+    /// The pod's `sidecar.mesh.dev/inject` is neither `"true"` nor
+    /// `"false"`.
+    InvalidInjectValue,
     /// Neither the namespace nor the pod asks for injection.
     NotEnabled,
     /// The namespace says `mesh-injection=disabled` and the pod does not
@@ -151,6 +165,7 @@ impl Skip {
     pub fn as_str(self) -> &'static str {
         match self {
             Skip::PodDisabled => "pod_disabled",
+            Skip::InvalidInjectValue => "invalid_inject_value",
             Skip::NotEnabled => "not_enabled",
             Skip::NamespaceDisabled => "namespace_disabled",
             Skip::ControlPlaneNamespace => "control_plane_namespace",
@@ -165,6 +180,9 @@ impl std::fmt::Display for Skip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Skip::PodDisabled => "the pod sets sidecar.mesh.dev/inject=false",
+            Skip::InvalidInjectValue => {
+                "the pod's sidecar.mesh.dev/inject is neither \"true\" nor \"false\""
+            }
             Skip::NotEnabled => "neither the namespace (mesh-injection=enabled) nor the pod (sidecar.mesh.dev/inject=true) asks for injection",
             Skip::NamespaceDisabled => "the namespace sets mesh-injection=disabled",
             Skip::ControlPlaneNamespace => "the control-plane namespace is never injected",
@@ -175,17 +193,28 @@ impl std::fmt::Display for Skip {
     }
 }
 
-fn flag(meta: &ObjectMeta, key: &str) -> Option<bool> {
-    // The label wins over the annotation, as in Istio.
-    let v = meta
+/// What the pod's `sidecar.mesh.dev/inject` says. The label wins over the
+/// annotation, as in Istio. Only `"true"` and `"false"` count: they are the
+/// values the MutatingWebhookConfiguration's object selectors match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Choice {
+    Unset,
+    Inject,
+    DoNotInject,
+    Invalid,
+}
+
+fn pod_choice(meta: &ObjectMeta) -> Choice {
+    let value = meta
         .labels
         .as_ref()
-        .and_then(|l| l.get(key))
-        .or_else(|| meta.annotations.as_ref().and_then(|a| a.get(key)))?;
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "enabled" | "yes" | "y" => Some(true),
-        "false" | "disabled" | "no" | "n" => Some(false),
-        _ => None,
+        .and_then(|l| l.get(INJECT_KEY))
+        .or_else(|| meta.annotations.as_ref().and_then(|a| a.get(INJECT_KEY)));
+    match value.map(String::as_str) {
+        None => Choice::Unset,
+        Some("true") => Choice::Inject,
+        Some("false") => Choice::DoNotInject,
+        Some(_) => Choice::Invalid,
     }
 }
 
@@ -207,14 +236,15 @@ pub fn decide(
     }
     candidate(meta, spec)?;
     match (
-        flag(meta, INJECT_KEY),
+        pod_choice(meta),
         namespace_labels.get(NAMESPACE_LABEL).map(String::as_str),
     ) {
-        (Some(true), _) => Ok(()),
-        (Some(false), _) => Err(Skip::PodDisabled),
-        (None, Some("enabled")) => Ok(()),
-        (None, Some("disabled")) => Err(Skip::NamespaceDisabled),
-        (None, _) => Err(Skip::NotEnabled),
+        (Choice::Inject, _) | (Choice::Unset, Some("enabled")) => Ok(()),
+        (Choice::Unset, Some("disabled")) => Err(Skip::NamespaceDisabled),
+        (Choice::Unset, _) => Err(Skip::NotEnabled),
+        // candidate() has refused these already.
+        (Choice::DoNotInject, _) => Err(Skip::PodDisabled),
+        (Choice::Invalid, _) => Err(Skip::InvalidInjectValue),
     }
 }
 
@@ -227,10 +257,11 @@ pub fn candidate(meta: &ObjectMeta, spec: &PodSpec) -> Result<(), Skip> {
     if spec.host_network == Some(true) {
         return Err(Skip::HostNetwork);
     }
-    if flag(meta, INJECT_KEY) == Some(false) {
-        return Err(Skip::PodDisabled);
+    match pod_choice(meta) {
+        Choice::DoNotInject => Err(Skip::PodDisabled),
+        Choice::Invalid => Err(Skip::InvalidInjectValue),
+        Choice::Unset | Choice::Inject => Ok(()),
     }
-    Ok(())
 }
 
 fn is_injected(meta: &ObjectMeta, spec: &PodSpec) -> bool {
@@ -277,27 +308,36 @@ pub struct Status {
 }
 
 /// Injects a pod: returns the new metadata and spec. A pod that is not a
-/// candidate ([`candidate`]) comes back unchanged.
+/// candidate ([`candidate`]) comes back unchanged; an injected one gets
+/// only the probes of containers added since rewritten
+/// ([`Skip::AlreadyInjected`] still holds for it).
 pub fn inject(
     meta: &ObjectMeta,
     spec: &PodSpec,
     settings: &Settings,
     cluster: Cluster,
 ) -> Result<(ObjectMeta, PodSpec), InjectError> {
-    if candidate(meta, spec).is_err() {
-        return Ok((meta.clone(), spec.clone()));
+    match candidate(meta, spec) {
+        Ok(()) => {}
+        Err(Skip::AlreadyInjected) => return update_probes(meta, spec, settings),
+        Err(_) => return Ok((meta.clone(), spec.clone())),
     }
     let ann = meta.annotations.clone().unwrap_or_default();
-    let get = |k: &str| ann.get(k).map(String::as_str);
     let mut meta = meta.clone();
     let mut spec = spec.clone();
     let native = cluster.native_sidecars();
 
     // Probes first: the sidecar's env carries where they really go.
-    let rewrite = match get(annotation::REWRITE_PROBES) {
-        Some(v) => v == "true",
-        None => settings.rewrite_app_http_probes,
-    };
+    let rewrite = bool_annotation(
+        &ann,
+        annotation::REWRITE_PROBES,
+        settings.rewrite_app_http_probes,
+    )?;
+    let hold = bool_annotation(
+        &ann,
+        annotation::HOLD_APPLICATION,
+        settings.hold_application_until_proxy_starts,
+    )?;
     let probers = if rewrite {
         rewrite_probes(&mut spec.containers)?
     } else {
@@ -306,15 +346,29 @@ pub fn inject(
 
     let init = init_container(settings, &ann)?;
     let mut proxy = proxy_container(settings, &ann, &meta, &probers)?;
-    let hold = get(annotation::HOLD_APPLICATION)
-        .map(|v| v == "true")
-        .unwrap_or(settings.hold_application_until_proxy_starts);
     let inits = spec.init_containers.get_or_insert_with(Vec::new);
-    // Capture rules before anything else runs: other init containers'
-    // traffic is then the proxy's to carry (native) or passes (classic:
-    // the proxy is not up yet, so they run before capture).
+    // Capture rules before anything else runs. Native: the kubelet starts
+    // the init containers after the sidecar only once its startup probe
+    // passes, so their traffic, captured, reaches a proxy that is ready.
+    // Classic: the proxy is not up before the app, so the capture rules
+    // come last and other init containers run uncaptured.
     if native {
         proxy.restart_policy = Some("Always".into());
+        proxy.startup_probe = Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz/ready".into()),
+                port: IntOrString::Int(READY_PORT),
+                ..Default::default()
+            }),
+            // Checked every second for up to 10 minutes (Istio's
+            // numbers): the first config and certificate can take a while
+            // on a busy control plane, and a sidecar that never becomes
+            // ready is restarted.
+            period_seconds: Some(1),
+            timeout_seconds: Some(3),
+            failure_threshold: Some(600),
+            ..Default::default()
+        });
         inits.insert(0, init);
         inits.insert(1, proxy);
     } else {
@@ -411,69 +465,255 @@ pub fn inject(
     Ok((meta, spec))
 }
 
-fn quantity(
+const PROBERS_ENV: &str = "MESH_APP_PROBERS";
+
+/// An injected pod again (the API server reinvokes the webhook after a
+/// later webhook changed the pod): HTTP probes of app containers that are
+/// not rewritten yet are rewritten, and the sidecar's `MESH_APP_PROBERS`
+/// gets their targets. Nothing else changes; a pod whose sidecar is not
+/// the mesh's comes back unchanged.
+fn update_probes(
+    meta: &ObjectMeta,
+    spec: &PodSpec,
+    settings: &Settings,
+) -> Result<(ObjectMeta, PodSpec), InjectError> {
+    let unchanged = || Ok((meta.clone(), spec.clone()));
+    let ann = meta.annotations.clone().unwrap_or_default();
+    if !bool_annotation(
+        &ann,
+        annotation::REWRITE_PROBES,
+        settings.rewrite_app_http_probes,
+    )? {
+        return unchanged();
+    }
+    let mut spec = spec.clone();
+    let added = rewrite_probes(&mut spec.containers)?;
+    if added.is_empty() {
+        return unchanged();
+    }
+    let Some((at, proxy)) = spec
+        .containers
+        .iter_mut()
+        .enumerate()
+        .map(|(i, c)| (format!("spec.containers[{i}]"), c))
+        .chain(
+            spec.init_containers
+                .iter_mut()
+                .flatten()
+                .enumerate()
+                .map(|(i, c)| (format!("spec.initContainers[{i}]"), c)),
+        )
+        .find(|(_, c)| c.name == PROXY_NAME)
+    else {
+        return unchanged();
+    };
+    let env = proxy.env.get_or_insert_with(Vec::new);
+    match env
+        .iter_mut()
+        .enumerate()
+        .find(|(_, e)| e.name == PROBERS_ENV)
+    {
+        Some((i, var)) => {
+            let mut all: BTreeMap<String, serde_json::Value> =
+                serde_json::from_str(var.value.as_deref().unwrap_or("{}")).map_err(|e| {
+                    InjectError {
+                        field: format!("{at}.env[{i}]"),
+                        message: format!("{PROBERS_ENV} is not the injector's: {e}"),
+                    }
+                })?;
+            all.extend(added);
+            var.value = Some(json_text(&all));
+            var.value_from = None;
+        }
+        None => env.push(value_env(PROBERS_ENV, json_text(&added))),
+    }
+    Ok((meta.clone(), spec))
+}
+
+fn json_text(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn annotation_error(key: &str, message: String) -> InjectError {
+    InjectError {
+        field: format!("metadata.annotations[{key}]"),
+        message,
+    }
+}
+
+/// A boolean annotation: `"true"` or `"false"`, nothing else.
+fn bool_annotation(
     ann: &BTreeMap<String, String>,
     key: &str,
-    default: &str,
-) -> Result<Quantity, InjectError> {
-    let v = ann.get(key).map(String::as_str).unwrap_or(default);
-    // A Kubernetes quantity: digits with an optional decimal part and suffix.
-    let ok = !v.is_empty()
-        && v.chars().next().is_some_and(|c| c.is_ascii_digit())
-        && v.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.')
-            .chars()
-            .all(|c| c.is_ascii_alphabetic())
-        && matches!(
-            v.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.'),
-            "" | "m" | "k" | "M" | "G" | "T" | "Ki" | "Mi" | "Gi" | "Ti"
-        );
-    if !ok {
+    default: bool,
+) -> Result<bool, InjectError> {
+    match ann.get(key).map(String::as_str) {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(annotation_error(
+            key,
+            format!("must be \"true\" or \"false\", got {other:?}"),
+        )),
+    }
+}
+
+/// Where the sidecar's resources come from, for error messages.
+#[derive(Clone, Copy)]
+enum Source {
+    Annotation(&'static str),
+    Setting(&'static str),
+}
+
+impl Source {
+    fn field(self) -> String {
+        match self {
+            Source::Annotation(key) => format!("metadata.annotations[{key}]"),
+            Source::Setting(name) => format!("settings.{name}"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Source::Annotation(name) | Source::Setting(name) => name,
+        }
+    }
+}
+
+/// The sidecar's requests and limits, as Istio's injection template makes
+/// them: when the pod sets any of `proxyCPU`, `proxyMemory`,
+/// `proxyCPULimit`, `proxyMemoryLimit`, those annotations alone give the
+/// resources (an annotated request never meets a default limit below
+/// it); otherwise the settings do. Unlike Istio, which hands a request
+/// above its limit to the API server to refuse the pod, a request above
+/// its limit is refused here, naming both.
+fn proxy_resources(
+    settings: &Settings,
+    ann: &BTreeMap<String, String>,
+) -> Result<ResourceRequirements, InjectError> {
+    use annotation::{PROXY_CPU, PROXY_CPU_LIMIT, PROXY_MEMORY, PROXY_MEMORY_LIMIT};
+    let annotated = [PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT]
+        .iter()
+        .any(|k| ann.contains_key(*k));
+    let pick = |key: &'static str, setting: &'static str, default: &str| {
+        if annotated {
+            ann.get(key).map(|v| (Source::Annotation(key), v.clone()))
+        } else {
+            Some((Source::Setting(setting), default.to_string()))
+        }
+    };
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    for (resource, request, limit) in [
+        (
+            "cpu",
+            pick(PROXY_CPU, "proxyCPU", &settings.proxy_cpu),
+            pick(PROXY_CPU_LIMIT, "proxyCPULimit", &settings.proxy_cpu_limit),
+        ),
+        (
+            "memory",
+            pick(PROXY_MEMORY, "proxyMemory", &settings.proxy_memory),
+            pick(
+                PROXY_MEMORY_LIMIT,
+                "proxyMemoryLimit",
+                &settings.proxy_memory_limit,
+            ),
+        ),
+    ] {
+        let checked = |q: Option<(Source, String)>| -> Result<_, InjectError> {
+            q.map(|(source, text)| match quantity::parse(&text) {
+                Some(value) => Ok((source, text, value)),
+                None => Err(InjectError {
+                    field: source.field(),
+                    message: format!("not a Kubernetes quantity (like 100m, 0.5, 128Mi): {text:?}"),
+                }),
+            })
+            .transpose()
+        };
+        let request = checked(request)?;
+        let limit = checked(limit)?;
+        if let (Some((source, req, r)), Some((limit_source, lim, l))) = (&request, &limit)
+            && r > l
+        {
+            return Err(InjectError {
+                field: source.field(),
+                message: format!(
+                    "the request {req:?} is more than the limit {lim:?} ({}); a request may not exceed its limit",
+                    limit_source.name()
+                ),
+            });
+        }
+        if let Some((_, text, _)) = request {
+            requests.insert(resource.to_string(), Quantity(text));
+        }
+        if let Some((_, text, _)) = limit {
+            limits.insert(resource.to_string(), Quantity(text));
+        }
+    }
+    Ok(ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..Default::default()
+    })
+}
+
+impl Settings {
+    /// Checks the values injection copies into every pod: the proxy's
+    /// resources (quantities, requests within limits) and log level. An
+    /// error names the setting.
+    pub fn validate(&self) -> Result<(), InjectError> {
+        proxy_resources(self, &BTreeMap::new())?;
+        log_level(self, &BTreeMap::new())?;
+        Ok(())
+    }
+}
+
+fn log_level(settings: &Settings, ann: &BTreeMap<String, String>) -> Result<String, InjectError> {
+    let (level, field) = match ann.get(annotation::LOG_LEVEL) {
+        Some(v) => (
+            v.clone(),
+            format!("metadata.annotations[{}]", annotation::LOG_LEVEL),
+        ),
+        None => (settings.log_level.clone(), "settings.logLevel".to_string()),
+    };
+    if !matches!(
+        level.as_str(),
+        "trace" | "debug" | "info" | "warn" | "error" | "off"
+    ) {
         return Err(InjectError {
-            field: format!("metadata.annotations[{key}]"),
-            message: format!("not a quantity: {v:?}"),
+            field,
+            message: format!("one of trace, debug, info, warn, error, off; got {level:?}"),
         });
     }
-    Ok(Quantity(v.to_string()))
+    Ok(level)
 }
 
-/// A comma-separated list of ports (or `*`), checked.
-fn port_list(ann: &BTreeMap<String, String>, key: &str) -> Result<Option<String>, InjectError> {
+/// A capture-list annotation, checked with `mesh-proxy init`'s parser and
+/// written in canonical form (what init reads back the same).
+fn capture_annotation(
+    ann: &BTreeMap<String, String>,
+    key: &str,
+    parse: fn(&str) -> Result<String, ListError>,
+) -> Result<Option<String>, InjectError> {
     let Some(v) = ann.get(key) else {
         return Ok(None);
     };
-    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        if item != "*" && item.parse::<u16>().map_or(true, |p| p == 0) {
-            return Err(InjectError {
-                field: format!("metadata.annotations[{key}]"),
-                message: format!("not a port: {item:?}"),
-            });
-        }
-    }
-    Ok(Some(v.replace(' ', "")))
-}
-
-/// A comma-separated list of CIDRs (or `*`), checked.
-fn cidr_list(ann: &BTreeMap<String, String>, key: &str) -> Result<Option<String>, InjectError> {
-    let Some(v) = ann.get(key) else {
-        return Ok(None);
-    };
-    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (ip, len) = item.split_once('/').unwrap_or((item, ""));
-        let max = match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(_)) => Some(32),
-            Ok(std::net::IpAddr::V6(_)) => Some(128),
-            Err(_) => None,
-        };
-        let ok = item == "*"
-            || max.is_some_and(|max| len.is_empty() || len.parse::<u8>().is_ok_and(|l| l <= max));
-        if !ok {
-            return Err(InjectError {
-                field: format!("metadata.annotations[{key}]"),
-                message: format!("not a CIDR: {item:?}"),
-            });
-        }
-    }
-    Ok(Some(v.replace(' ', "")))
+    parse(v).map(Some).map_err(|e| {
+        annotation_error(
+            key,
+            match e {
+                ListError::InvalidPort { value } => {
+                    format!("not a port: {value:?} (an integer 1-65535)")
+                }
+                ListError::InvalidCidr { value, reason } => {
+                    format!("not a CIDR: {value:?} ({reason})")
+                }
+                ListError::MixedWildcard { value } => {
+                    format!("{value:?}: \"*\" must be the only value")
+                }
+            },
+        )
+    })
 }
 
 fn image_pull_policy(settings: &Settings) -> Option<String> {
@@ -491,31 +731,44 @@ fn init_container(
         "--proxy-gid".into(),
         PROXY_UID.to_string(),
     ];
-    for (key, flag) in [
-        (annotation::INCLUDE_INBOUND_PORTS, "--inbound-ports"),
-        (annotation::EXCLUDE_INBOUND_PORTS, "--exclude-inbound-ports"),
+    let ports = |v: &str| capture::port_list(v).map(|l| capture::join(&l));
+    let ports_or_all = |v: &str| capture::port_capture(v).map(|c| c.to_string());
+    let cidrs = |v: &str| capture::cidr_list(v).map(|l| capture::join(&l));
+    let cidrs_or_all = |v: &str| capture::cidr_capture(v).map(|c| c.to_string());
+    type Render = fn(&str) -> Result<String, ListError>;
+    for (key, flag, render) in [
+        (
+            annotation::INCLUDE_INBOUND_PORTS,
+            "--inbound-ports",
+            ports_or_all as Render,
+        ),
+        (
+            annotation::EXCLUDE_INBOUND_PORTS,
+            "--exclude-inbound-ports",
+            ports,
+        ),
         (
             annotation::INCLUDE_OUTBOUND_PORTS,
             "--include-outbound-ports",
+            ports,
         ),
         (
             annotation::EXCLUDE_OUTBOUND_PORTS,
             "--exclude-outbound-ports",
+            ports,
         ),
-    ] {
-        if let Some(v) = port_list(ann, key)? {
-            args.push(flag.into());
-            args.push(v);
-        }
-    }
-    for (key, flag) in [
-        (annotation::INCLUDE_OUTBOUND_IP_RANGES, "--outbound-ips"),
+        (
+            annotation::INCLUDE_OUTBOUND_IP_RANGES,
+            "--outbound-ips",
+            cidrs_or_all,
+        ),
         (
             annotation::EXCLUDE_OUTBOUND_IP_RANGES,
             "--exclude-outbound-ips",
+            cidrs,
         ),
     ] {
-        if let Some(v) = cidr_list(ann, key)? {
+        if let Some(v) = capture_annotation(ann, key, render)? {
             args.push(flag.into());
             args.push(v);
         }
@@ -582,19 +835,7 @@ fn proxy_container(
     meta: &ObjectMeta,
     probers: &BTreeMap<String, serde_json::Value>,
 ) -> Result<Container, InjectError> {
-    let log_level = ann
-        .get(annotation::LOG_LEVEL)
-        .cloned()
-        .unwrap_or_else(|| settings.log_level.clone());
-    if !matches!(
-        log_level.as_str(),
-        "trace" | "debug" | "info" | "warn" | "error" | "off"
-    ) {
-        return Err(InjectError {
-            field: format!("metadata.annotations[{}]", annotation::LOG_LEVEL),
-            message: format!("one of trace, debug, info, warn, error, off; got {log_level:?}"),
-        });
-    }
+    let log_level = log_level(settings, ann)?;
     let labels = meta
         .labels
         .iter()
@@ -630,10 +871,7 @@ fn proxy_container(
         env.push(value_env("MESH_ACCESS_LOG", settings.access_log.clone()));
     }
     if !probers.is_empty() {
-        env.push(value_env(
-            "MESH_APP_PROBERS",
-            serde_json::to_string(probers).unwrap_or_default(),
-        ));
+        env.push(value_env(PROBERS_ENV, json_text(probers)));
     }
     Ok(Container {
         name: PROXY_NAME.into(),
@@ -659,33 +897,7 @@ fn proxy_container(
             timeout_seconds: Some(3),
             ..Default::default()
         }),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                (
-                    "cpu".into(),
-                    quantity(ann, annotation::PROXY_CPU, &settings.proxy_cpu)?,
-                ),
-                (
-                    "memory".into(),
-                    quantity(ann, annotation::PROXY_MEMORY, &settings.proxy_memory)?,
-                ),
-            ])),
-            limits: Some(BTreeMap::from([
-                (
-                    "cpu".into(),
-                    quantity(ann, annotation::PROXY_CPU_LIMIT, &settings.proxy_cpu_limit)?,
-                ),
-                (
-                    "memory".into(),
-                    quantity(
-                        ann,
-                        annotation::PROXY_MEMORY_LIMIT,
-                        &settings.proxy_memory_limit,
-                    )?,
-                ),
-            ])),
-            ..Default::default()
-        }),
+        resources: Some(proxy_resources(settings, ann)?),
         security_context: Some(SecurityContext {
             run_as_user: Some(PROXY_UID),
             run_as_group: Some(PROXY_UID),
@@ -722,13 +934,27 @@ fn proxy_container(
     })
 }
 
-/// Rewrites every container's HTTP probes to the sidecar's status port;
-/// returns, by new path, where each really goes (for `MESH_APP_PROBERS`).
+/// Whether a probe already goes through the sidecar's status port.
+fn is_rewritten(get: &HTTPGetAction) -> bool {
+    get.port == IntOrString::Int(STATUS_PORT)
+        && get
+            .path
+            .as_deref()
+            .is_some_and(|p| p.starts_with("/app-health/"))
+}
+
+/// Rewrites the HTTP probes of the app's containers to the sidecar's
+/// status port (the sidecar's own and already rewritten ones are left
+/// alone); returns, by new path, where each really goes (for
+/// `MESH_APP_PROBERS`, in the form the proxy reads).
 fn rewrite_probes(
     containers: &mut [Container],
 ) -> Result<BTreeMap<String, serde_json::Value>, InjectError> {
     let mut probers = BTreeMap::new();
     for (ci, c) in containers.iter_mut().enumerate() {
+        if c.name == PROXY_NAME {
+            continue;
+        }
         let named: BTreeMap<String, i32> = c
             .ports
             .iter()
@@ -750,25 +976,39 @@ fn rewrite_probes(
                 .scheme
                 .as_deref()
                 .is_some_and(|s| !s.eq_ignore_ascii_case("HTTP"))
+                || is_rewritten(get)
             {
                 continue;
             }
+            let at = format!("spec.containers[{ci}].{field}.httpGet.port");
             let port = match &get.port {
                 IntOrString::Int(p) => *p,
                 IntOrString::String(s) => match named.get(s) {
                     Some(p) => *p,
                     None => {
                         return Err(InjectError {
-                            field: format!("spec.containers[{ci}].{field}.httpGet.port"),
+                            field: at,
                             message: format!("no container port named {s:?}"),
                         });
                     }
                 },
             };
-            let path = format!("/app-health/{name}/{kind}");
+            let Some(port) = u16::try_from(port).ok().filter(|p| *p != 0) else {
+                return Err(InjectError {
+                    field: at,
+                    message: format!("{port} is not a port (1-65535)"),
+                });
+            };
+            // The kubelet asks for "/" when there is no path and puts a
+            // "/" before a path without one; the proxy asks the same.
+            let path = match get.path.as_deref() {
+                None | Some("") => "/".to_string(),
+                Some(p) if p.starts_with('/') => p.to_string(),
+                Some(p) => format!("/{p}"),
+            };
             let mut target = serde_json::json!({
                 "port": port,
-                "path": get.path.clone().unwrap_or_else(|| "/".into()),
+                "path": path,
                 "scheme": get.scheme.clone().unwrap_or_else(|| "HTTP".into()),
             });
             if let Some(h) = &get.http_headers {
@@ -777,12 +1017,13 @@ fn rewrite_probes(
             if let Some(host) = &get.host {
                 target["host"] = host.clone().into();
             }
-            if let Some(t) = probe.timeout_seconds {
+            if let Some(t) = probe.timeout_seconds.filter(|t| *t > 0) {
                 target["timeoutSeconds"] = t.into();
             }
-            probers.insert(path.clone(), target);
+            let new_path = format!("/app-health/{name}/{kind}");
+            probers.insert(new_path.clone(), target);
             *get = HTTPGetAction {
-                path: Some(path),
+                path: Some(new_path),
                 port: IntOrString::Int(STATUS_PORT),
                 scheme: Some("HTTP".into()),
                 ..Default::default()
@@ -792,93 +1033,100 @@ fn rewrite_probes(
     Ok(probers)
 }
 
-pub mod webhook;
+/// Reads a pod given as JSON (as the API server sends it, or a manifest's
+/// pod template): its metadata (absent is empty) and spec.
+pub fn parse_pod(pod: &serde_json::Value) -> Result<(ObjectMeta, PodSpec), InjectError> {
+    let meta = match pod.get("metadata") {
+        None | Some(serde_json::Value::Null) => ObjectMeta::default(),
+        Some(m) => ObjectMeta::deserialize(m).map_err(|e| InjectError {
+            field: "metadata".into(),
+            message: e.to_string(),
+        })?,
+    };
+    let spec = match pod.get("spec") {
+        None | Some(serde_json::Value::Null) => {
+            return Err(InjectError {
+                field: "spec".into(),
+                message: "missing".into(),
+            });
+        }
+        Some(s) => PodSpec::deserialize(s).map_err(|e| InjectError {
+            field: "spec".into(),
+            message: e.to_string(),
+        })?,
+    };
+    Ok((meta, spec))
+}
 
-#[cfg(test)]
-mod tests;
+/// What [`inject_pod`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Patched {
+    /// The JSON Patch (RFC 6902) operations; empty when nothing changes.
+    pub patch: Vec<serde_json::Value>,
+    /// The pod with the patch applied.
+    pub pod: serde_json::Value,
+}
 
-/// Where a kind keeps its pod template, as a path of keys.
-fn template_path(kind: &str) -> Option<&'static [&'static str]> {
-    Some(match kind {
-        "Pod" => &[],
-        "Deployment"
-        | "StatefulSet"
-        | "DaemonSet"
-        | "ReplicaSet"
-        | "Job"
-        | "ReplicationController" => &["spec", "template"],
-        "CronJob" => &["spec", "jobTemplate", "spec", "template"],
-        _ => return None,
+/// Injects a pod given as JSON, `meta` and `spec` being what
+/// [`parse_pod`] read from it. The patch is computed between the typed
+/// pod and the typed injected pod, so it touches only what injection
+/// changed: fields the Kubernetes types here do not know (a newer API's)
+/// stay as they are. The patch is applied to `pod` before it is returned,
+/// so a patch that does not apply is an error here, not at the API server.
+pub fn inject_pod(
+    pod: &serde_json::Value,
+    meta: &ObjectMeta,
+    spec: &PodSpec,
+    settings: &Settings,
+    cluster: Cluster,
+) -> Result<Patched, InjectError> {
+    let (new_meta, new_spec) = inject(meta, spec, settings, cluster)?;
+    let typed = |meta: &ObjectMeta, spec: &PodSpec| -> Result<serde_json::Value, InjectError> {
+        let fail = |e: serde_json::Error| InjectError {
+            field: "pod".into(),
+            message: e.to_string(),
+        };
+        Ok(serde_json::json!({
+            "metadata": serde_json::to_value(meta).map_err(fail)?,
+            "spec": serde_json::to_value(spec).map_err(fail)?,
+        }))
+    };
+    let mut ops = patch::diff(&typed(meta, spec)?, &typed(&new_meta, &new_spec)?);
+    if ops.is_empty() {
+        return Ok(Patched {
+            patch: ops,
+            pod: pod.clone(),
+        });
+    }
+    if !pod
+        .get("metadata")
+        .is_some_and(serde_json::Value::is_object)
+    {
+        ops.insert(
+            0,
+            serde_json::json!({"op": "add", "path": "/metadata", "value": {}}),
+        );
+    }
+    let fail = |e: String| InjectError {
+        field: "pod".into(),
+        message: format!("the injection does not apply: {e}"),
+    };
+    let parsed: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops.clone()))
+        .map_err(|e| fail(e.to_string()))?;
+    let mut patched = pod.clone();
+    json_patch::patch(&mut patched, &parsed).map_err(|e| fail(e.to_string()))?;
+    Ok(Patched {
+        patch: ops,
+        pod: patched,
     })
 }
 
-/// A document that could not be injected.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("document {index} ({kind} {name}): {message}")]
-pub struct DocumentError {
-    /// 1-based.
-    pub index: usize,
-    pub kind: String,
-    pub name: String,
-    pub message: String,
-}
+mod documents;
+mod patch;
+mod quantity;
+pub mod webhook;
 
-/// `meshctl kube-inject`: injects every workload of a multi-document YAML
-/// stream (Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs,
-/// CronJobs, ReplicationControllers); every other document comes out
-/// unchanged, in the same order.
-pub fn inject_documents(
-    text: &str,
-    settings: &Settings,
-    cluster: Cluster,
-) -> Result<String, DocumentError> {
-    let mut out = String::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let fail = |kind: &str, name: &str, message: String| DocumentError {
-            index: i + 1,
-            kind: kind.to_string(),
-            name: name.to_string(),
-            message,
-        };
-        let mut value = serde_yaml::Value::deserialize(doc)
-            .map_err(|e| fail("?", "?", format!("not YAML: {e}")))?;
-        if value.is_null() {
-            continue;
-        }
-        let kind = value["kind"].as_str().unwrap_or_default().to_string();
-        let name = value["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if let Some(path) = template_path(&kind) {
-            let mut at = &mut value;
-            for key in path {
-                at = &mut at[*key];
-            }
-            let where_ = path.join(".");
-            let prefix = if where_.is_empty() {
-                String::new()
-            } else {
-                format!("{where_}.")
-            };
-            let meta: ObjectMeta = serde_yaml::from_value(at["metadata"].clone())
-                .map_err(|e| fail(&kind, &name, format!("{prefix}metadata: {e}")))?;
-            let spec: PodSpec = serde_yaml::from_value(at["spec"].clone())
-                .map_err(|e| fail(&kind, &name, format!("{prefix}spec: {e}")))?;
-            let (meta, spec) = inject(&meta, &spec, settings, cluster)
-                .map_err(|e| fail(&kind, &name, format!("{prefix}{e}")))?;
-            let to_value = |v: serde_json::Value| {
-                serde_yaml::to_value(v).map_err(|e| fail(&kind, &name, e.to_string()))
-            };
-            at["metadata"] = to_value(serde_json::to_value(&meta).unwrap_or_default())?;
-            at["spec"] = to_value(serde_json::to_value(&spec).unwrap_or_default())?;
-        }
-        if !out.is_empty() {
-            out.push_str("---\n");
-        }
-        out.push_str(
-            &serde_yaml::to_string(&value).map_err(|e| fail(&kind, &name, e.to_string()))?,
-        );
-    }
-    Ok(out)
-}
+pub use documents::{DocumentError, inject_documents};
+
+#[cfg(test)]
+mod tests;

@@ -57,6 +57,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Err(e) = settings.validate() {
+        eprintln!("mesh-injector: {}: {e}", cli.settings.display());
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let certs = match CertFiles::load(cli.cert.clone(), cli.key.clone()) {
         Ok(c) => c,
         Err(e) => {

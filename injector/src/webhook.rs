@@ -1,10 +1,14 @@
 //! The admission webhook (`mesh-injector`, HTTPS on 15017): `POST /inject`
 //! takes an AdmissionReview v1 for a pod and answers with a JSONPatch
-//! (RFC 6902) that applies [`crate::inject`]. The API server only sends
-//! candidates (the MutatingWebhookConfiguration's namespace and object
-//! selectors); a pod that cannot be injected is allowed unchanged with a
-//! warning saying why, never refused. A review that cannot be read gets a
-//! 400. `/ready` and `/metrics` are served too.
+//! (RFC 6902) from [`crate::inject_pod`]: it touches only what injection
+//! changes, so fields unknown to the Kubernetes types here survive. The
+//! API server only sends candidates (the MutatingWebhookConfiguration's
+//! namespace and object selectors); a pod that cannot be injected is
+//! allowed unchanged with a warning saying why, never refused. A review
+//! that cannot be read gets a 400, one over [`BODY_LIMIT`] a 413. When the
+//! API server reinvokes the webhook for an injected pod (a later webhook
+//! changed it), the HTTP probes of containers added since are rewritten.
+//! `/ready` and `/metrics` are served too.
 //!
 //! The serving certificate is read from disk and read again when the files
 //! change, so a rotated Secret takes effect without a restart.
@@ -16,13 +20,12 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
-use k8s_openapi::api::core::v1::PodSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use metrics::{Counter, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -39,11 +42,14 @@ pub const BODY_LIMIT: usize = 4 << 20;
 
 const META: Metadata<'static> = Metadata::new("mesh_injector", Level::INFO, None);
 
-/// The webhook's metrics: injections, skips by reason, errors, latency.
+/// The webhook's metrics: injections, skips by reason, errors (pods
+/// allowed uninjected because injection failed, and reviews answered 400
+/// or 413), probe updates of reinvoked reviews, latency.
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     injected: Counter,
+    probe_updates: Counter,
     errors: Counter,
     latency: Histogram,
 }
@@ -61,6 +67,8 @@ impl Metrics {
         Metrics {
             injected: recorder
                 .register_counter(&Key::from_name("mesh_injector_injections_total"), &META),
+            probe_updates: recorder
+                .register_counter(&Key::from_name("mesh_injector_probe_updates_total"), &META),
             errors: recorder.register_counter(&Key::from_name("mesh_injector_errors_total"), &META),
             latency: recorder
                 .register_histogram(&Key::from_name("mesh_injector_review_seconds"), &META),
@@ -107,12 +115,20 @@ pub fn router(hook: Arc<Webhook>) -> Router {
         .with_state(hook)
 }
 
-fn bad_request(message: String) -> Response {
-    (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response()
-}
-
-async fn inject(State(hook): State<Arc<Webhook>>, body: Bytes) -> Response {
+async fn inject(State(hook): State<Arc<Webhook>>, body: Result<Bytes, BytesRejection>) -> Response {
     let start = Instant::now();
+    let bad_request = |message: String| {
+        hook.metrics.errors.increment(1);
+        (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response()
+    };
+    let body = match body {
+        Ok(b) => b,
+        // Too large (413) or unreadable: counted like a malformed review.
+        Err(rejection) => {
+            hook.metrics.errors.increment(1);
+            return rejection.into_response();
+        }
+    };
     let review: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return bad_request(format!("not an AdmissionReview: {e}")),
@@ -127,9 +143,8 @@ async fn inject(State(hook): State<Arc<Webhook>>, body: Bytes) -> Response {
     let Some(uid) = request["uid"].as_str() else {
         return bad_request("request.uid: required".into());
     };
-    let response = review_response(&hook, request);
+    let mut response = review_response(&hook, request);
     hook.metrics.latency.record(start.elapsed().as_secs_f64());
-    let mut response = response;
     response["uid"] = uid.into();
     axum::Json(json!({
         "apiVersion": "admission.k8s.io/v1",
@@ -140,7 +155,8 @@ async fn inject(State(hook): State<Arc<Webhook>>, body: Bytes) -> Response {
 }
 
 /// The review's response, without its uid: a patch, or allowed unchanged
-/// with a warning.
+/// (with a warning saying why, unless the pod opted out or is already
+/// complete).
 fn review_response(hook: &Webhook, request: &Value) -> Value {
     let allow = |warning: Option<String>| match warning {
         Some(w) => json!({"allowed": true, "warnings": [w]}),
@@ -149,20 +165,14 @@ fn review_response(hook: &Webhook, request: &Value) -> Value {
     if request["kind"]["kind"] != "Pod" || request["operation"] != "CREATE" {
         return allow(None);
     }
-    let pod = &request["object"];
-    let meta: ObjectMeta = match serde_json::from_value(pod["metadata"].clone()) {
-        Ok(m) => m,
-        Err(e) => {
-            hook.metrics.errors.increment(1);
-            return allow(Some(format!("mesh sidecar not injected: metadata: {e}")));
-        }
+    let not_injected = |why: String| {
+        hook.metrics.errors.increment(1);
+        allow(Some(format!("mesh sidecar not injected: {why}")))
     };
-    let spec: PodSpec = match serde_json::from_value(pod["spec"].clone()) {
-        Ok(s) => s,
-        Err(e) => {
-            hook.metrics.errors.increment(1);
-            return allow(Some(format!("mesh sidecar not injected: spec: {e}")));
-        }
+    let pod = &request["object"];
+    let (meta, spec) = match crate::parse_pod(pod) {
+        Ok(p) => p,
+        Err(e) => return not_injected(e.to_string()),
     };
     // The API server sends only what the selectors chose: the namespace
     // asked for injection, or the pod did.
@@ -171,29 +181,35 @@ fn review_response(hook: &Webhook, request: &Value) -> Value {
         .or(meta.namespace.as_deref())
         .unwrap_or("default");
     let selected = BTreeMap::from([(crate::NAMESPACE_LABEL.to_string(), "enabled".to_string())]);
-    if let Err(skip) = crate::decide(namespace, &selected, &meta, &spec, &hook.settings) {
-        hook.metrics.skipped(skip.as_str());
-        let quiet = matches!(skip, Skip::AlreadyInjected | Skip::PodDisabled);
-        return allow((!quiet).then(|| format!("mesh sidecar not injected: {skip}")));
-    }
-    match crate::inject(&meta, &spec, &hook.settings, hook.cluster) {
-        Ok((meta, spec)) => {
-            let mut after = pod.clone();
-            after["metadata"] = serde_json::to_value(&meta).unwrap_or_default();
-            after["spec"] = serde_json::to_value(&spec).unwrap_or_default();
-            let patch = json_patch::diff(pod, &after);
-            let patch = serde_json::to_vec(&patch).unwrap_or_default();
-            hook.metrics.injected.increment(1);
+    let reinvoked = match crate::decide(namespace, &selected, &meta, &spec, &hook.settings) {
+        Ok(()) => false,
+        // Reinvoked after a later webhook: probes of containers it added.
+        Err(Skip::AlreadyInjected) => true,
+        Err(skip) => {
+            hook.metrics.skipped(skip.as_str());
+            let quiet = matches!(skip, Skip::PodDisabled);
+            return allow((!quiet).then(|| format!("mesh sidecar not injected: {skip}")));
+        }
+    };
+    match crate::inject_pod(pod, &meta, &spec, &hook.settings, hook.cluster) {
+        Ok(patched) if patched.patch.is_empty() => {
+            hook.metrics.skipped(Skip::AlreadyInjected.as_str());
+            allow(None)
+        }
+        Ok(patched) => {
+            if reinvoked {
+                hook.metrics.probe_updates.increment(1);
+            } else {
+                hook.metrics.injected.increment(1);
+            }
+            let patch = serde_json::to_vec(&patched.patch).unwrap_or_default();
             json!({
                 "allowed": true,
                 "patchType": "JSONPatch",
                 "patch": base64::engine::general_purpose::STANDARD.encode(patch),
             })
         }
-        Err(e) => {
-            hook.metrics.errors.increment(1);
-            allow(Some(format!("mesh sidecar not injected: {e}")))
-        }
+        Err(e) => not_injected(e.to_string()),
     }
 }
 

@@ -60,11 +60,36 @@ fn first_difference(want: &str, got: &str) -> String {
     )
 }
 
+/// The documents of a YAML stream by `metadata.name`.
+fn by_name(text: &str) -> Vec<(String, serde_yaml::Value)> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| {
+            let v: serde_yaml::Value = serde::Deserialize::deserialize(d).unwrap();
+            (v["metadata"]["name"].as_str().unwrap_or("").to_string(), v)
+        })
+        .collect()
+}
+
 #[test]
 fn golden_files_native_and_classic() {
     for (name, input) in inputs() {
         let native = check(&name, &input, "native", Cluster { minor: 29 });
         let classic = check(&name, &input, "classic", Cluster { minor: 28 });
+        // What is not injected comes back as it went in.
+        let given = by_name(&std::fs::read_to_string(&input).unwrap());
+        for out in [&native, &classic] {
+            let got = by_name(out);
+            assert_eq!(got.len(), given.len());
+            for ((n, want), (_, got)) in given.iter().zip(&got) {
+                if ["untouched", "host-net", "opted-out", "already-injected"].contains(&n.as_str())
+                {
+                    assert_eq!(got, want, "{name}: {n} changed");
+                }
+            }
+        }
+        if name == "tricky" {
+            assert!(given.iter().any(|(n, _)| n == "already-injected"));
+        }
         // Injecting the output again changes nothing.
         for (out, cluster) in [
             (native, Cluster { minor: 29 }),

@@ -239,13 +239,13 @@ async fn demo(opts: Options, gateway: SocketAddr) -> Result<()> {
          \x20 workloads   {}, each with a sidecar; ingress gateway on {gateway}\n\
          \x20 config      {}\n\n\
          Reviews rotate between v1 (no stars), v2 (black) and v3 (red). Try:\n\n\
-         \x20 meshctl apply -f samples/bookinfo/networking/virtual-service-all-v1.yaml\n\
-         \x20 meshctl apply -f samples/bookinfo/networking/virtual-service-reviews-80-20.yaml\n\
-         \x20 meshctl apply -f samples/bookinfo/networking/virtual-service-reviews-jason-v2.yaml\n\
-         \x20 meshctl get virtualservices\n\
-         \x20 meshctl proxy-status\n\
-         \x20 meshctl proxy-config routes productpage-v1\n\
-         \x20 meshctl delete -f samples/bookinfo/networking/virtual-service-reviews-jason-v2.yaml\n\n\
+         \x20 {m} apply -f samples/bookinfo/networking/virtual-service-all-v1.yaml\n\
+         \x20 {m} apply -f samples/bookinfo/networking/virtual-service-reviews-80-20.yaml\n\
+         \x20 {m} apply -f samples/bookinfo/networking/virtual-service-reviews-jason-v2.yaml\n\
+         \x20 {m} get virtualservices\n\
+         \x20 {m} proxy-status\n\
+         \x20 {m} proxy-config routes productpage-v1\n\
+         \x20 {m} delete -f samples/bookinfo/networking/virtual-service-reviews-jason-v2.yaml\n\n\
          Ctrl-C stops everything.",
         started.elapsed().as_secs_f64(),
         pilot.http_addr,
@@ -257,6 +257,14 @@ async fn demo(opts: Options, gateway: SocketAddr) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", "),
         shown(&config),
+        m = {
+            let m = meshctl_command();
+            let cwd = std::env::current_dir().unwrap_or_default();
+            match m.strip_prefix(&cwd) {
+                Ok(rel) if m.is_absolute() => rel.display().to_string(),
+                _ => shown(&m),
+            }
+        },
     );
     wait_for_signal().await;
     println!("\nStopping.");
@@ -266,6 +274,24 @@ async fn demo(opts: Options, gateway: SocketAddr) -> Result<()> {
     }
     drop(pilot);
     Ok(())
+}
+
+/// How to run this meshctl from here: `meshctl` when that is what `PATH`
+/// finds, otherwise this binary's path (as after `cargo run`).
+fn meshctl_command() -> std::path::PathBuf {
+    let me = std::env::current_exe().and_then(std::fs::canonicalize);
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("meshctl"))
+            .find(|p| p.is_file())
+    });
+    match (me, on_path) {
+        (Ok(me), Some(found)) if std::fs::canonicalize(&found).is_ok_and(|f| f == me) => {
+            "meshctl".into()
+        }
+        (Ok(me), _) => me,
+        (Err(_), _) => "meshctl".into(),
+    }
 }
 
 /// A sample file's mesh resources; Gateway servers moved to `port`.

@@ -183,10 +183,12 @@ fn kube_inject_injects_workloads_and_keeps_everything_else_in_order() {
     // Injecting again changes nothing.
     let again = meshctl(&["kube-inject", "--offline", "-f", "-"], Some(&out));
     assert_eq!(stdout(&again), out);
-    // Classic sidecars for older clusters.
+    // Classic sidecars for older clusters (offline: the developer's
+    // kubeconfig must not decide the settings).
     let o = meshctl(
         &[
             "kube-inject",
+            "--offline",
             "--kubernetes-minor",
             "28",
             "-f",
@@ -194,6 +196,7 @@ fn kube_inject_injects_workloads_and_keeps_everything_else_in_order() {
         ],
         None,
     );
+    assert!(o.status.success(), "{o:?}");
     assert!(
         stdout(&o).contains("- wait"),
         "holds the app until the proxy is ready"

@@ -663,47 +663,43 @@ impl Authenticate for KubeTokens {
 pub const ROOT_CONFIGMAP: &str = "mesh-ca-root-cert";
 
 /// Keeps `mesh-ca-root-cert` in every namespace, by server-side apply
-/// (field manager `mesh-pilot`): for each namespace listed or created, and
+/// (field manager `mesh-pilot`): for each namespace that appears in
+/// `namespaces` (the Kubernetes source's watch, shared), and in all of them
 /// again after a relist; when `roots()` changes (a root rotation), in every
-/// namespace seen, checked every `recheck`. Terminating namespaces are left
+/// namespace, checked every `recheck`. Terminating namespaces are left
 /// alone.
 pub async fn distribute_roots(
     client: kube::Client,
+    mut namespaces: tokio::sync::watch::Receiver<crate::source::Namespaces>,
     roots: impl Fn() -> Vec<String> + Send + 'static,
     recheck: Duration,
 ) {
-    use futures_util::StreamExt;
-    use k8s_openapi::api::core::v1::Namespace;
-    use kube::runtime::WatchStreamExt;
-    use kube::runtime::watcher::{self, Event};
     let mut pem = roots().concat();
     let mut seen: std::collections::BTreeSet<String> = Default::default();
-    let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
-    let mut events =
-        std::pin::pin!(watcher::watcher(namespaces, watcher::Config::default()).default_backoff());
+    // Lists already published for; `None` before the first.
+    let mut lists = None;
     let mut tick = tokio::time::interval(recheck);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let targets: Vec<String> = tokio::select! {
-            ev = events.next() => {
-                let ns = match ev {
-                    None => return,
-                    Some(Ok(Event::Apply(ns) | Event::InitApply(ns))) => ns,
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "namespace watch failed; retrying");
-                        continue;
-                    }
-                };
-                let Some(name) = ns.metadata.name.clone() else {
-                    continue;
-                };
-                if ns.status.and_then(|s| s.phase).as_deref() == Some("Terminating") {
-                    seen.remove(&name);
+            changed = namespaces.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let view = namespaces.borrow_and_update().clone();
+                if view.lists == 0 {
                     continue;
                 }
-                seen.insert(name.clone());
-                vec![name]
+                let relisted = lists != Some(view.lists);
+                lists = Some(view.lists);
+                let live: std::collections::BTreeSet<String> = view.live.into_keys().collect();
+                let targets = live
+                    .iter()
+                    .filter(|n| relisted || !seen.contains(*n))
+                    .cloned()
+                    .collect();
+                seen = live;
+                targets
             }
             _ = tick.tick() => {
                 let now = roots().concat();

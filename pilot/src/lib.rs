@@ -75,17 +75,28 @@ impl Running {
             )
         })?;
         let bound = listener.local_addr()?;
+        // Client certificates are asked for but optional: the CA serves
+        // proxies that have none yet; xDS requires one (`Xds::with_identity`).
         let tls = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(cert, key));
+            .identity(tonic::transport::Identity::from_pem(cert, key))
+            .client_ca_root(tonic::transport::Certificate::from_pem(
+                authority.roots().join(
+                    "
+",
+                ),
+            ))
+            .client_auth_optional(true);
+        let trust_domain = authority.trust_domain.clone();
         let ca_svc =
             mesh_api::ca::certificate_service_server::CertificateServiceServer::new(ca::Service {
                 ca: authority,
                 auth,
             });
-        let xds = xds::Xds::new(
+        let xds = xds::Xds::with_identity(
             self.pilot.store.clone(),
             self.pilot.metrics.clone(),
             self.pilot.sync.clone(),
+            &trust_domain,
         );
         let server = tonic::transport::Server::builder()
             .tls_config(tls)
@@ -136,14 +147,17 @@ pub async fn start<S: source::Source>(cfg: Config, source: S) -> std::io::Result
         ready,
         graph: graph.clone(),
     });
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(graph.run(sync.clone())));
-    tasks.push(tokio::spawn(store.clone().run()));
-    tasks.push(tokio::spawn(source.run(source::Sink {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        ready: ready_tx,
-    })));
+    let mut tasks = vec![
+        tokio::spawn(graph.run(sync.clone())),
+        tokio::spawn(store.clone().run()),
+        // Wakes the connections each recompute concerns.
+        tokio::spawn(xds::dispatch(store.clone(), sync.clone())),
+        tokio::spawn(source.run(source::Sink {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            ready: ready_tx,
+        })),
+    ];
     let svc = xds::Xds::new(store, metrics.clone(), sync);
     tasks.push(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);

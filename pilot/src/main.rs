@@ -229,8 +229,9 @@ fn main() -> ExitCode {
             }
             None => match kube::Client::try_default().await {
                 Ok(client) => {
-                    kube_client = Some(client.clone());
-                    mesh_pilot::start(cfg, source::Kubernetes::new(client)).await
+                    let cluster = source::Kubernetes::new(client.clone());
+                    kube_client = Some((client, cluster.namespaces()));
+                    mesh_pilot::start(cfg, cluster).await
                 }
                 Err(e) => {
                     eprintln!(
@@ -249,16 +250,18 @@ fn main() -> ExitCode {
             }
         };
         if let Some((authority, tokens)) = authority {
-            if let Some(client) = &kube_client {
-                // Every namespace gets the roots to mount.
+            if let Some((client, namespaces)) = &kube_client {
+                // Every namespace gets the roots to mount; the namespaces
+                // come from the source's own watch.
                 let ca = authority.clone();
                 tokio::spawn(mesh_pilot::ca::distribute_roots(
                     client.clone(),
+                    namespaces.clone(),
                     move || ca.roots(),
                     Duration::from_secs(10),
                 ));
             }
-            let served = match (tokens, kube_client) {
+            let served = match (tokens, kube_client.map(|(client, _)| client)) {
                 (Some(tokens), _) => {
                     running
                         .serve_secure(cli.secure_addr, authority, tokens, &cli.tls_names)

@@ -95,12 +95,29 @@ impl Metrics {
             .increment(1);
     }
 
-    /// A config resource or service failed validation and was not applied.
-    pub fn rejected(&self, kind: &str) {
+    /// An object (config resource, Service, or a document that names no
+    /// object: kind `unknown`) was rejected with content not rejected
+    /// before: the same invalid content read again is not counted again.
+    pub fn rejected(&self, kind: &'static str) {
         self.counter(
             "pilot_config_rejected_total",
-            vec![Label::new("kind", kind.to_string())],
+            vec![Label::new("kind", kind)],
         )
         .increment(1);
+    }
+
+    /// How many objects of `kind` are rejected right now (each keeps its
+    /// last valid version).
+    pub fn rejected_now(&self, kind: &'static str, n: usize) {
+        self.0
+            .recorder
+            .register_gauge(
+                &Key::from_parts(
+                    "pilot_config_rejected_objects",
+                    vec![Label::new("kind", kind)],
+                ),
+                &META,
+            )
+            .set(n as f64);
     }
 }

@@ -229,6 +229,13 @@ impl Workload {
     }
 }
 
+/// A namespace: its name and labels.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
 /// Everything the compiler reads. Cheap to clone: sources replace whole
 /// entries.
 #[derive(Clone, Debug, Default)]
@@ -237,6 +244,9 @@ pub struct Inputs {
     pub workloads: BTreeMap<ObjectKey, Arc<Workload>>,
     /// Config resources other than WorkloadEntries (which become workloads).
     pub config: BTreeMap<ResourceKey, Arc<Resource>>,
+    /// Namespaces with their labels, where the source knows them
+    /// (Kubernetes); empty for the files source.
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
 }
 
 /// What changed between two [`Inputs`]: the compiler recomputes only what
@@ -278,7 +288,7 @@ impl Inputs {
     pub fn services_in<'a, 'n>(
         &'a self,
         ns: &'n str,
-    ) -> impl Iterator<Item = &'a Arc<Service>> + use<'a, 'n> {
+    ) -> impl Iterator<Item = &'a Arc<Service>> + Clone + use<'a, 'n> {
         self.services
             .range(ObjectKey::new(ns, "")..)
             .take_while(move |(k, _)| k.namespace == ns)
@@ -308,31 +318,27 @@ impl Inputs {
             .map(|(_, r)| r)
     }
 
+    /// The labels of a namespace, when the source knows it.
+    pub fn namespace_labels(&self, namespace: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces.get(namespace).map(|n| &n.labels)
+    }
+
     /// What differs between `self` and `next`.
     pub fn diff(&self, next: &Inputs) -> Change {
         let mut change = Change::default();
-        for (k, old, new) in changed(&self.services, &next.services) {
-            let svc = new.or(old).map(|s| s.host.clone());
-            change.hosts.extend(svc);
-            change.namespaces.insert(k.namespace.clone());
+        for (k, _, _) in changed(&self.namespaces, &next.namespaces) {
+            change.namespace(k);
         }
-        let mut touched_workload_ns = BTreeSet::new();
+        for (_, old, new) in changed(&self.services, &next.services) {
+            change.service(old.map(|s| &**s), new.map(|s| &**s));
+        }
         for (k, old, new) in changed(&self.workloads, &next.workloads) {
-            touched_workload_ns.insert(k.namespace.clone());
-            // Every service of the namespace that selects the old or new
-            // labels has new endpoints.
-            for w in old.into_iter().chain(new) {
-                for svc in next
-                    .services_in(&k.namespace)
-                    .chain(self.services_in(&k.namespace))
-                {
-                    if svc.selects(w) {
-                        change.hosts.insert(svc.host.clone());
-                    }
-                }
-            }
+            // Services selecting it before or after.
+            let services = next
+                .services_in(&k.namespace)
+                .chain(self.services_in(&k.namespace));
+            change.workload(services, old.map(|w| &**w), new.map(|w| &**w));
         }
-        change.namespaces.extend(touched_workload_ns);
         for (k, _, _) in changed(&self.config, &next.config) {
             change.kinds.insert(k.kind);
         }
@@ -340,24 +346,136 @@ impl Inputs {
     }
 }
 
+impl Change {
+    /// A namespace's labels changed: its workloads' inbound resources are
+    /// rebuilt.
+    pub fn namespace(&mut self, name: &str) {
+        self.namespaces.insert(name.to_string());
+    }
+
+    /// A service changed, came or went.
+    pub fn service(&mut self, old: Option<&Service>, new: Option<&Service>) {
+        for s in old.into_iter().chain(new) {
+            self.hosts.insert(s.host.clone());
+            self.namespaces.insert(s.key.namespace.clone());
+        }
+    }
+
+    /// A workload changed, came or went: every service of its namespace
+    /// (of `services`) that selects its old or new labels has new
+    /// endpoints.
+    pub fn workload<'a>(
+        &mut self,
+        services: impl Iterator<Item = &'a Arc<Service>> + Clone,
+        old: Option<&Workload>,
+        new: Option<&Workload>,
+    ) {
+        for w in old.into_iter().chain(new) {
+            self.namespaces.insert(w.key.namespace.clone());
+            for svc in services.clone() {
+                if svc.selects(w) && !self.hosts.contains(&svc.host) {
+                    self.hosts.insert(svc.host.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Changes to single objects of the inputs, made in place: what changed
+/// is known from each edit, without comparing everything.
+pub struct Edit<'a> {
+    inputs: &'a mut Inputs,
+    change: &'a mut Change,
+}
+
+impl<'a> Edit<'a> {
+    pub fn new(inputs: &'a mut Inputs, change: &'a mut Change) -> Edit<'a> {
+        Edit { inputs, change }
+    }
+
+    pub fn inputs(&self) -> &Inputs {
+        self.inputs
+    }
+
+    pub fn put_service(&mut self, s: Arc<Service>) {
+        let old = self.inputs.services.insert(s.key.clone(), s.clone());
+        if old.as_ref().is_none_or(|o| **o != *s) {
+            self.change.service(old.as_deref(), Some(&s));
+        }
+    }
+
+    pub fn remove_service(&mut self, key: &ObjectKey) {
+        if let Some(old) = self.inputs.services.remove(key) {
+            self.change.service(Some(&old), None);
+        }
+    }
+
+    pub fn put_workload(&mut self, w: Arc<Workload>) {
+        let old = self.inputs.workloads.insert(w.key.clone(), w.clone());
+        if old.as_ref().is_none_or(|o| **o != *w) {
+            let services = self.inputs.services_in(&w.key.namespace);
+            self.change.workload(services, old.as_deref(), Some(&w));
+        }
+    }
+
+    pub fn remove_workload(&mut self, key: &ObjectKey) {
+        if let Some(old) = self.inputs.workloads.remove(key) {
+            let services = self.inputs.services_in(&key.namespace);
+            self.change.workload(services, Some(&old), None);
+        }
+    }
+
+    pub fn put_config(&mut self, r: Arc<Resource>) {
+        let key = r.key();
+        let old = self.inputs.config.insert(key.clone(), r.clone());
+        if old.as_ref().is_none_or(|o| **o != *r) {
+            self.change.kinds.insert(key.kind);
+        }
+    }
+
+    pub fn remove_config(&mut self, key: &ResourceKey) {
+        if self.inputs.config.remove(key).is_some() {
+            self.change.kinds.insert(key.kind);
+        }
+    }
+}
+
 type Changed<'a, K, V> = Vec<(&'a K, Option<&'a V>, Option<&'a V>)>;
 
-/// Entries that differ; the same `Arc` (the common case after a clone) is
-/// equal without looking inside.
+/// Entries that differ, by walking both maps in key order; the same `Arc`
+/// (the common case after a clone) is equal without looking inside.
 fn changed<'a, K: Ord, T: PartialEq>(
     a: &'a BTreeMap<K, Arc<T>>,
     b: &'a BTreeMap<K, Arc<T>>,
 ) -> Changed<'a, K, Arc<T>> {
+    use std::cmp::Ordering;
     let mut out = Vec::new();
-    for (k, v) in a {
-        match b.get(k) {
-            Some(w) if Arc::ptr_eq(w, v) || w == v => {}
-            other => out.push((k, Some(v), other)),
-        }
-    }
-    for (k, v) in b {
-        if !a.contains_key(k) {
-            out.push((k, None, Some(v)));
+    let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        let order = match (ia.peek(), ib.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+        };
+        match order {
+            Ordering::Less => {
+                if let Some((k, v)) = ia.next() {
+                    out.push((k, Some(v), None));
+                }
+            }
+            Ordering::Greater => {
+                if let Some((k, v)) = ib.next() {
+                    out.push((k, None, Some(v)));
+                }
+            }
+            Ordering::Equal => {
+                if let (Some((k, v)), Some((_, w))) = (ia.next(), ib.next())
+                    && !(Arc::ptr_eq(v, w) || v == w)
+                {
+                    out.push((k, Some(v), Some(w)));
+                }
+            }
         }
     }
     out

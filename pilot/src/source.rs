@@ -4,13 +4,14 @@
 //! the last valid version of it keeps applying.
 
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1 as core;
 use mesh_api::analysis::{self, Analysis};
-use mesh_api::load::{Document, Item};
+use mesh_api::load::{Disposition, Document, Item};
 use mesh_api::validate::Severity;
 use mesh_api::{Resource, ResourceKey};
 
@@ -19,7 +20,7 @@ use crate::registry::{Inputs, ObjectKey, Service, Workload};
 use crate::store::Store;
 
 mod kubernetes;
-pub use kubernetes::{Kubernetes, endpoints_of_slice, workload_of_pod};
+pub use kubernetes::{Kubernetes, Namespaces, endpoints_of_slice, workload_of_pod};
 
 /// Where a source writes: the store, the metrics, and the readiness flag it
 /// raises once its first complete view is in.
@@ -42,17 +43,64 @@ pub struct Files {
     pub interval: Duration,
 }
 
+/// An object a source could not accept.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Rejected {
+    /// A mesh resource (WorkloadEntries included).
+    Config(ResourceKey),
+    /// A Kubernetes Service.
+    Service(ObjectKey),
+    /// A document that names no object pilot can tell (not YAML, no
+    /// apiVersion, kind or name): nothing known disappears because of it.
+    Document { file: String, line: usize },
+}
+
+impl Rejected {
+    /// The `kind` label of the rejection metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Rejected::Config(k) => k.kind.name(),
+            Rejected::Service(_) => "Service",
+            Rejected::Document { .. } => "unknown",
+        }
+    }
+}
+
+/// One rejection: what, a fingerprint of the invalid content (the same
+/// content read again is the same rejection), and the error.
+#[derive(Clone, Debug)]
+pub struct Rejection {
+    pub object: Rejected,
+    pub fingerprint: u64,
+    pub message: String,
+}
+
 /// The outcome of reading the files once.
 #[derive(Default)]
 pub struct Loaded {
     pub inputs: Inputs,
     /// Error findings, as `file:line: error: …` lines.
     pub errors: Vec<String>,
-    /// Resources that were present but invalid.
-    pub rejected: Vec<ResourceKey>,
-    pub rejected_services: Vec<ObjectKey>,
-    /// Whole files that could not be read as YAML.
-    pub unreadable: Vec<String>,
+    /// Objects that were present but invalid: each keeps its last valid
+    /// version.
+    pub rejected: Vec<Rejection>,
+}
+
+impl Loaded {
+    fn reject(&mut self, object: Rejected, content: &impl Hash, message: String) {
+        self.errors.push(message.clone());
+        self.rejected.push(Rejection {
+            object,
+            fingerprint: fingerprint(content),
+            message,
+        });
+    }
+}
+
+fn fingerprint(content: &impl Hash) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    content.hash(&mut h);
+    h.finish()
 }
 
 impl Files {
@@ -72,16 +120,51 @@ impl Files {
                     } if api_version == "v1" && kind == "Service" => {
                         match serde_yaml::from_value::<core::Service>(value.clone()) {
                             Ok(svc) => services.push((d.origin.file.clone(), d.origin.line, svc)),
-                            Err(e) => out
-                                .errors
-                                .push(format!("{}: error: Service: {e}", d.origin)),
+                            Err(e) => {
+                                let object = match identity(value) {
+                                    Some((_, _, namespace, name)) => {
+                                        Rejected::Service(ObjectKey::new(namespace, name))
+                                    }
+                                    None => Rejected::Document {
+                                        file: d.origin.file.clone(),
+                                        line: d.origin.line,
+                                    },
+                                };
+                                let what = match &object {
+                                    Rejected::Service(key) => format!("Service {key}"),
+                                    _ => "Service".to_string(),
+                                };
+                                out.reject(
+                                    object,
+                                    value,
+                                    format!("{}: error: {what}: {e}", d.origin),
+                                );
+                            }
                         }
                     }
-                    Item::Invalid(_) => {
-                        if !out.unreadable.contains(&d.origin.file) {
-                            out.unreadable.push(d.origin.file.clone());
-                        }
-                        docs.push(d);
+                    Item::Invalid(e) => {
+                        let text = document_text(&s.text, d.origin.line);
+                        let object = serde_yaml::from_str::<serde_yaml::Value>(&text)
+                            .ok()
+                            .and_then(|v| object_of(&v))
+                            .unwrap_or(Rejected::Document {
+                                file: d.origin.file.clone(),
+                                line: d.origin.line,
+                            });
+                        let message = match &object {
+                            Rejected::Config(k) => format!(
+                                "{}:{}:{}: error: {k}: {}",
+                                e.file, e.line, e.column, e.message
+                            ),
+                            Rejected::Service(k) => format!(
+                                "{}:{}:{}: error: Service {k}: {}",
+                                e.file, e.line, e.column, e.message
+                            ),
+                            Rejected::Document { .. } => {
+                                format!("{}:{}:{}: error: {}", e.file, e.line, e.column, e.message)
+                            }
+                        };
+                        out.reject(object, &text, message);
                     }
                     _ => docs.push(d),
                 }
@@ -100,9 +183,9 @@ impl Files {
                             .unwrap_or_else(|| "default".into()),
                         svc.metadata.name.clone().unwrap_or_default(),
                     );
-                    out.errors
-                        .push(format!("{file}:{line}: error: Service {key}: {e}"));
-                    out.rejected_services.push(key);
+                    let content = serde_json::to_string(&svc).unwrap_or_default();
+                    let message = format!("{file}:{line}: error: Service {key}: {e}");
+                    out.reject(Rejected::Service(key), &content, message);
                 }
             }
         }
@@ -111,9 +194,57 @@ impl Files {
     }
 }
 
+/// The text of the document starting at `line` (1-based) of a file: up to
+/// the next document marker.
+fn document_text(file: &str, line: usize) -> String {
+    let mut out = String::new();
+    for l in file.lines().skip(line.saturating_sub(1)) {
+        if l.starts_with("---") || l.starts_with("...") {
+            break;
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+/// apiVersion, kind, namespace (`default` when absent) and name of a
+/// document, when it says them.
+fn identity(value: &serde_yaml::Value) -> Option<(&str, &str, &str, &str)> {
+    let meta = value.get("metadata");
+    let name = meta?.get("name")?.as_str().filter(|n| !n.is_empty())?;
+    let namespace = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(|n| n.as_str())
+        .unwrap_or(mesh_api::resource::DEFAULT_NAMESPACE);
+    Some((
+        value.get("apiVersion")?.as_str()?,
+        value.get("kind")?.as_str()?,
+        namespace,
+        name,
+    ))
+}
+
+/// The object a document that failed to read stands for, when it can be
+/// told: a mesh (or Istio) resource or a Kubernetes Service.
+fn object_of(value: &serde_yaml::Value) -> Option<Rejected> {
+    let (api_version, kind, namespace, name) = identity(value)?;
+    match mesh_api::load::disposition(api_version, kind) {
+        Disposition::Mesh(kind) | Disposition::Istio(kind) => Some(Rejected::Config(ResourceKey {
+            kind,
+            namespace: namespace.into(),
+            name: name.into(),
+        })),
+        _ if api_version == "v1" && kind == "Service" => {
+            Some(Rejected::Service(ObjectKey::new(namespace, name)))
+        }
+        _ => None,
+    }
+}
+
 impl Source for Files {
     /// Loads, then reloads whenever a file's size or time changes. Invalid
-    /// resources keep their last valid version.
+    /// objects keep their last valid version.
     async fn run(self, sink: Sink) {
         let Sink {
             store,
@@ -122,16 +253,16 @@ impl Source for Files {
         } = sink;
         let mut last_stamp = None;
         let mut good = Inputs::default();
+        let mut rejections = Rejections::default();
         loop {
             let stamp = stamp(&self.path);
             if stamp != last_stamp {
                 last_stamp = stamp;
                 match self.load() {
                     Ok(loaded) => {
-                        report(&loaded, "files", &metrics);
+                        rejections.observe(&loaded.rejected, "files", &metrics);
                         good = merge_last_good(&good, loaded);
-                        let next = good.clone();
-                        store.update(|i| *i = next);
+                        store.replace(good.clone());
                         ready.send_replace(true);
                     }
                     Err(e) => {
@@ -144,16 +275,40 @@ impl Source for Files {
     }
 }
 
-/// Logs what a load rejected and counts it.
-fn report(loaded: &Loaded, source: &'static str, metrics: &Metrics) {
-    for e in &loaded.errors {
-        tracing::error!(source, "rejected: {e}");
-    }
-    for k in &loaded.rejected {
-        metrics.rejected(k.kind.name());
-    }
-    for _ in &loaded.rejected_services {
-        metrics.rejected("Service");
+/// The objects a source rejects right now. A rejection is logged and
+/// counted (`pilot_config_rejected_total`) once per distinct invalid
+/// content: reading the same invalid object again changes nothing, a new
+/// invalid version of it counts again. `pilot_config_rejected_objects`
+/// says how many are rejected now.
+#[derive(Default)]
+pub(crate) struct Rejections {
+    current: BTreeMap<Rejected, u64>,
+}
+
+impl Rejections {
+    /// Takes the complete set of current rejections.
+    pub(crate) fn observe(&mut self, now: &[Rejection], source: &'static str, metrics: &Metrics) {
+        let mut next: BTreeMap<Rejected, u64> = BTreeMap::new();
+        for r in now {
+            let known = self.current.get(&r.object) == Some(&r.fingerprint)
+                || next.get(&r.object) == Some(&r.fingerprint);
+            if !known {
+                tracing::error!(source, "rejected: {}", r.message);
+                metrics.rejected(r.object.kind());
+            }
+            next.insert(r.object.clone(), r.fingerprint);
+        }
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for k in self.current.keys() {
+            counts.entry(k.kind()).or_insert(0);
+        }
+        for k in next.keys() {
+            *counts.entry(k.kind()).or_insert(0) += 1;
+        }
+        for (kind, n) in counts {
+            metrics.rejected_now(kind, n);
+        }
+        self.current = next;
     }
 }
 
@@ -162,71 +317,107 @@ fn report(loaded: &Loaded, source: &'static str, metrics: &Metrics) {
 /// errors go to `out.errors`, resources that are present but invalid to
 /// `out.rejected`.
 pub(crate) fn load_config(docs: Vec<Document>, out: &mut Loaded) {
-    let present: Vec<ResourceKey> = {
-        // Every resource the documents name, valid or not.
-        let (converted, _) = mesh_api::convert::convert(docs.clone());
-        converted
-            .into_iter()
-            .filter_map(|c| match c.item {
-                mesh_api::convert::Output::Resource(r) => Some(r.key()),
-                _ => None,
-            })
-            .collect()
-    };
+    // Every resource the documents name, valid or not, and a fingerprint
+    // of its content (of all its definitions, when defined twice).
+    let mut present: BTreeMap<ResourceKey, u64> = BTreeMap::new();
+    let (converted, _) = mesh_api::convert::convert(docs.clone());
+    for c in converted {
+        if let mesh_api::convert::Output::Resource(r) = c.item {
+            let fp = fingerprint(&r.to_json().to_string());
+            present
+                .entry(r.key())
+                .and_modify(|f| *f = fingerprint(&(*f, fp)))
+                .or_insert(fp);
+        }
+    }
     let Analysis {
         findings,
         resources,
     } = analysis::analyze(docs);
-    let mut bad: Vec<String> = Vec::new();
+    // Error messages per resource (`Kind namespace/name`).
+    let mut messages: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for f in &findings {
-        if f.severity == Severity::Error {
-            out.errors.push(f.to_string());
-            if let Some(r) = &f.resource {
-                bad.push(r.clone());
-            }
+        if f.severity != Severity::Error {
+            continue;
+        }
+        let line = f.to_string();
+        out.errors.push(line.clone());
+        match &f.resource {
+            Some(r) => messages.entry(r.clone()).or_default().push(line),
+            None => out.rejected.push(Rejection {
+                object: Rejected::Document {
+                    file: f.file.clone(),
+                    line: f.line,
+                },
+                fingerprint: fingerprint(&line),
+                message: line,
+            }),
         }
     }
     for r in resources {
-        let key = r.key();
-        if bad.contains(&key.to_string()) {
+        let key = r.key().to_string();
+        if messages.contains_key(&key) {
             continue;
         }
-        add_resource(&mut out.inputs, r, &mut out.errors);
+        if let Err(e) = add_resource(&mut out.inputs, r) {
+            let line = format!("{ORIGIN_UNKNOWN}: error: {key}: {e}");
+            out.errors.push(line.clone());
+            messages.entry(key).or_default().push(line);
+        }
     }
-    for key in present {
+    for (key, fp) in present {
         let applied = out.inputs.config.contains_key(&key)
             || (key.kind == mesh_api::Kind::WorkloadEntry
                 && out
                     .inputs
                     .workloads
                     .contains_key(&ObjectKey::new(&key.namespace, &key.name)));
-        if !applied && !out.rejected.contains(&key) {
-            out.rejected.push(key);
+        if !applied {
+            let message = messages
+                .get(&key.to_string())
+                .map(|m| m.join("; "))
+                .unwrap_or_else(|| format!("{key}: not applied"));
+            out.rejected.push(Rejection {
+                object: Rejected::Config(key),
+                fingerprint: fp,
+                message,
+            });
         }
     }
 }
 
-/// The new inputs, except that a rejected resource (or every resource of
-/// an unreadable file) keeps its previous valid version.
+/// Where an error found after analysis says it came from.
+const ORIGIN_UNKNOWN: &str = "-";
+
+/// The new inputs, except that a rejected object keeps its previous valid
+/// version, and a document that names no object keeps every object the
+/// new inputs lack.
 pub fn merge_last_good(previous: &Inputs, loaded: Loaded) -> Inputs {
     let mut next = loaded.inputs;
-    for key in &loaded.rejected {
-        if key.kind == mesh_api::Kind::WorkloadEntry {
-            let ok = ObjectKey::new(&key.namespace, &key.name);
-            if let Some(w) = previous.workloads.get(&ok) {
-                next.workloads.insert(ok, w.clone());
+    let mut keep_all = false;
+    for r in &loaded.rejected {
+        match &r.object {
+            Rejected::Config(key) if key.kind == mesh_api::Kind::WorkloadEntry => {
+                let ok = ObjectKey::new(&key.namespace, &key.name);
+                if let Some(w) = previous.workloads.get(&ok) {
+                    next.workloads.insert(ok, w.clone());
+                }
             }
-        } else if let Some(r) = previous.config.get(key) {
-            next.config.insert(key.clone(), r.clone());
+            Rejected::Config(key) => {
+                if let Some(r) = previous.config.get(key) {
+                    next.config.insert(key.clone(), r.clone());
+                }
+            }
+            Rejected::Service(key) => {
+                if let Some(s) = previous.services.get(key) {
+                    next.services.insert(key.clone(), s.clone());
+                }
+            }
+            Rejected::Document { .. } => keep_all = true,
         }
     }
-    for key in &loaded.rejected_services {
-        if let Some(s) = previous.services.get(key) {
-            next.services.insert(key.clone(), s.clone());
-        }
-    }
-    if !loaded.unreadable.is_empty() {
-        // A file that is not YAML at all names no resources: keep what the
+    if keep_all {
+        // A document pilot cannot read names nothing: keep what the
         // previous version had that the new one lacks.
         for (k, r) in &previous.config {
             next.config.entry(k.clone()).or_insert_with(|| r.clone());
@@ -241,18 +432,17 @@ pub fn merge_last_good(previous: &Inputs, loaded: Loaded) -> Inputs {
     next
 }
 
-fn add_resource(inputs: &mut Inputs, r: Resource, errors: &mut Vec<String>) {
+fn add_resource(inputs: &mut Inputs, r: Resource) -> Result<(), String> {
     match r {
-        Resource::WorkloadEntry(we) => match Workload::from_entry(&we) {
-            Ok(w) => {
-                inputs.workloads.insert(w.key.clone(), Arc::new(w));
-            }
-            Err(e) => errors.push(format!("WorkloadEntry: {e}")),
-        },
+        Resource::WorkloadEntry(we) => {
+            let w = Workload::from_entry(&we)?;
+            inputs.workloads.insert(w.key.clone(), Arc::new(w));
+        }
         r => {
             inputs.config.insert(r.key(), Arc::new(r));
         }
     }
+    Ok(())
 }
 
 /// Sizes and modification times of every file below `path`.

@@ -57,5 +57,6 @@ async fn configz(State(p): State<Arc<Pilot>>) -> impl IntoResponse {
         "services": inputs.services.values().map(|s| &**s).collect::<Vec<_>>(),
         "workloads": inputs.workloads.values().map(|w| &**w).collect::<Vec<_>>(),
         "config": inputs.config.values().map(|r| r.to_json()).collect::<Vec<_>>(),
+        "namespaces": inputs.namespaces.values().map(|n| &**n).collect::<Vec<_>>(),
     }))
 }

@@ -4,7 +4,7 @@
 //! those route to), with versions and nonces, and records what each proxy
 //! acknowledged or rejected.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
@@ -16,22 +16,172 @@ use mesh_api::discovery::{
     self as wire, CLUSTER, DESTINATION, DeltaDiscoveryRequest, DeltaDiscoveryResponse, WORKLOAD,
 };
 use mesh_api::sync::{ProxyStatus, SyncState};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::compile::NodeInfo;
 use crate::metrics::Metrics;
-use crate::store::{Built, Store};
+use crate::store::{Built, Changed, Store};
 
 /// What pilot knows of each connected proxy, for `/debug/syncz` and
 /// `meshctl proxy-status`.
-#[derive(Default)]
 pub struct SyncRegistry {
     conns: Mutex<BTreeMap<u64, Arc<Mutex<ProxyStatus>>>>,
+    /// Resources acknowledged so far, per type (Workload, Destination,
+    /// Cluster).
+    acknowledged: watch::Sender<[u64; 3]>,
+    /// Which connections use which resources.
+    index: Mutex<Index>,
+    /// Connection ids, unique across every xDS server of this pilot (the
+    /// plaintext and the TLS port share this registry).
+    next_id: AtomicU64,
+}
+
+impl Default for SyncRegistry {
+    fn default() -> Self {
+        SyncRegistry {
+            conns: Default::default(),
+            acknowledged: watch::channel([0; 3]).0,
+            index: Default::default(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// What one connection's proxy uses: the destinations its subscriptions
+/// resolve to, the clusters they route to, its workload resource.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Interests {
+    destinations: BTreeSet<String>,
+    clusters: BTreeSet<Arc<str>>,
+    node: Option<NodeInfo>,
+    /// It subscribed to destinations by name: a name may resolve
+    /// differently when destinations come or go.
+    resolving: bool,
+}
+
+/// The reverse index: resource → the connections that use it, so a
+/// recompute wakes only the connections it concerns.
+#[derive(Default)]
+struct Index {
+    wake: HashMap<u64, Arc<Notify>>,
+    destinations: HashMap<String, HashSet<u64>>,
+    clusters: HashMap<Arc<str>, HashSet<u64>>,
+    nodes: HashMap<NodeInfo, HashSet<u64>>,
+    resolving: HashSet<u64>,
+}
+
+fn index_set<K: std::hash::Hash + Eq + Clone>(
+    map: &mut HashMap<K, HashSet<u64>>,
+    old: impl Iterator<Item = K>,
+    new: impl Iterator<Item = K>,
+    id: u64,
+) {
+    for k in old {
+        if let Some(ids) = map.get_mut(&k) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                map.remove(&k);
+            }
+        }
+    }
+    for k in new {
+        map.entry(k).or_default().insert(id);
+    }
+}
+
+impl Index {
+    /// Replaces what connection `id` uses.
+    fn set(&mut self, id: u64, old: &Interests, new: &Interests) {
+        index_set(
+            &mut self.destinations,
+            old.destinations.difference(&new.destinations).cloned(),
+            new.destinations.difference(&old.destinations).cloned(),
+            id,
+        );
+        index_set(
+            &mut self.clusters,
+            old.clusters.difference(&new.clusters).cloned(),
+            new.clusters.difference(&old.clusters).cloned(),
+            id,
+        );
+        if old.node != new.node {
+            index_set(
+                &mut self.nodes,
+                old.node.iter().cloned(),
+                new.node.iter().cloned(),
+                id,
+            );
+        }
+        if new.resolving {
+            self.resolving.insert(id);
+        } else {
+            self.resolving.remove(&id);
+        }
+    }
+
+    /// Wakes the connections that use what changed.
+    fn wake(&self, changes: &[Arc<Changed>]) {
+        let mut ids: HashSet<u64> = HashSet::new();
+        for c in changes {
+            for k in &c.destinations {
+                ids.extend(self.destinations.get(k).into_iter().flatten());
+            }
+            for k in &c.clusters {
+                ids.extend(self.clusters.get(k.as_str()).into_iter().flatten());
+            }
+            for n in &c.workloads {
+                ids.extend(self.nodes.get(n).into_iter().flatten());
+            }
+            if c.names {
+                ids.extend(&self.resolving);
+            }
+        }
+        for id in ids {
+            if let Some(w) = self.wake.get(&id) {
+                w.notify_one();
+            }
+        }
+    }
+
+    fn wake_all(&self) {
+        for w in self.wake.values() {
+            w.notify_one();
+        }
+    }
+}
+
+/// Wakes the connections each recompute concerns, for as long as the
+/// store publishes: a push reaches only a changed resource's users, not
+/// every connection. Runs once per pilot, for every xDS server it has.
+pub async fn dispatch(store: Arc<Store>, sync: Arc<SyncRegistry>) {
+    let mut generation = store.subscribe();
+    let mut seen = *generation.borrow_and_update();
+    while generation.changed().await.is_ok() {
+        let now = *generation.borrow_and_update();
+        let index = sync.index.lock().unwrap_or_else(|e| e.into_inner());
+        match store.changes_since(seen) {
+            Some((changes, latest)) => {
+                index.wake(&changes);
+                seen = latest;
+            }
+            None => {
+                index.wake_all();
+                seen = now;
+            }
+        }
+    }
 }
 
 impl SyncRegistry {
+    /// Resources acknowledged so far by every proxy, per type (Workload,
+    /// Destination, Cluster): a proxy's ACK is counted once pilot has
+    /// recorded it.
+    pub fn acknowledged(&self) -> watch::Receiver<[u64; 3]> {
+        self.acknowledged.subscribe()
+    }
+
     pub fn snapshot(&self) -> Vec<ProxyStatus> {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns
@@ -56,7 +206,9 @@ pub struct Xds {
     store: Arc<Store>,
     metrics: Metrics,
     sync: Arc<SyncRegistry>,
-    next_id: AtomicU64,
+    /// On the TLS port: the trust domain whose workload certificate a proxy
+    /// must present, naming the namespace and service account it claims.
+    identity: Option<String>,
 }
 
 impl Xds {
@@ -65,14 +217,46 @@ impl Xds {
         metrics: Metrics,
         sync: Arc<SyncRegistry>,
     ) -> AggregatedDiscoveryServiceServer<Xds> {
+        Self::serve(store, metrics, sync, None)
+    }
+
+    /// The service on the TLS port: a proxy is served only the config of
+    /// the identity its certificate proves.
+    pub fn with_identity(
+        store: Arc<Store>,
+        metrics: Metrics,
+        sync: Arc<SyncRegistry>,
+        trust_domain: &str,
+    ) -> AggregatedDiscoveryServiceServer<Xds> {
+        Self::serve(store, metrics, sync, Some(trust_domain.to_string()))
+    }
+
+    fn serve(
+        store: Arc<Store>,
+        metrics: Metrics,
+        sync: Arc<SyncRegistry>,
+        identity: Option<String>,
+    ) -> AggregatedDiscoveryServiceServer<Xds> {
         AggregatedDiscoveryServiceServer::new(Xds {
             store,
             metrics,
             sync,
-            next_id: AtomicU64::new(1),
+            identity,
         })
         .max_decoding_message_size(4 << 20)
     }
+}
+
+/// The SPIFFE ID (`spiffe://…` URI SAN) of a DER certificate.
+fn spiffe_id_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
+            Some((*u).to_string())
+        }
+        _ => None,
+    })
 }
 
 type Out = Result<DeltaDiscoveryResponse, Status>;
@@ -86,6 +270,15 @@ impl AggregatedDiscoveryService for Xds {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let remote = request.remote_addr();
+        // The chain was verified against the mesh roots by the TLS layer.
+        let peer = request
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|leaf| spiffe_id_of(leaf)));
+        if self.identity.is_some() && peer.is_none() {
+            return Err(Status::unauthenticated(
+                "xDS on the TLS port needs the workload's mesh certificate",
+            ));
+        }
         let mut inbound = request.into_inner();
         let first = match inbound.message().await {
             Ok(Some(r)) => r,
@@ -102,8 +295,16 @@ impl AggregatedDiscoveryService for Xds {
                 "node.workload and node.namespace are required",
             ));
         }
+        if let (Some(td), Some(peer)) = (&self.identity, &peer) {
+            let claimed = mesh_api::ca::spiffe_id(td, &node.namespace, &node.service_account);
+            if *peer != claimed {
+                return Err(Status::permission_denied(format!(
+                    "the certificate is {peer}, the node claims {claimed}"
+                )));
+            }
+        }
         let (tx, rx) = mpsc::channel(32);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.sync.next_id.fetch_add(1, Ordering::Relaxed);
         let status = Arc::new(Mutex::new(ProxyStatus {
             proxy: if node.id.is_empty() {
                 format!("{}.{}", node.workload, node.namespace)
@@ -141,11 +342,20 @@ impl AggregatedDiscoveryService for Xds {
             status,
             subs: [BTreeSet::new(), BTreeSet::new()],
             sent: Default::default(),
+            declared: [false; 3],
+            sync: self.sync.clone(),
+            wake: Arc::new(Notify::new()),
+            interests: Interests::default(),
             inflight: HashMap::new(),
             seq: 0,
         };
         let sync = self.sync.clone();
         tokio::spawn(async move {
+            sync.index
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .wake
+                .insert(conn.id, conn.wake.clone());
             conn.store.attach(&conn.node);
             conn.metrics.connected().increment(1.0);
             tracing::info!(proxy = %conn.status().proxy, "proxy connected");
@@ -153,6 +363,11 @@ impl AggregatedDiscoveryService for Xds {
             tracing::info!(proxy = %conn.status().proxy, "proxy disconnected");
             conn.metrics.connected().decrement(1.0);
             conn.store.detach(&conn.node);
+            {
+                let mut index = sync.index.lock().unwrap_or_else(|e| e.into_inner());
+                index.set(conn.id, &conn.interests, &Interests::default());
+                index.wake.remove(&conn.id);
+            }
             sync.conns
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -179,6 +394,12 @@ type Inflight = (usize, Vec<(String, Arc<str>)>);
 /// (their resources then show as STALE).
 const MAX_INFLIGHT: usize = 1024;
 
+/// How long pilot waits, before its first push to a proxy that says it
+/// holds resources from before (a reconnect), for the proxy to declare
+/// what it holds of every type. A proxy declares them in its first
+/// requests, so this bound only matters for one that never does.
+const DECLARE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 struct Conn {
     id: u64,
     node: NodeInfo,
@@ -187,8 +408,16 @@ struct Conn {
     status: Arc<Mutex<ProxyStatus>>,
     /// Subscribed Workload and Destination names.
     subs: [BTreeSet<String>; 2],
-    /// Per type: name → version sent (empty: sent as removed).
+    /// Per type: name → version sent (empty: sent as removed), or
+    /// declared by the proxy as held when it connected.
     sent: [HashMap<String, Arc<str>>; 3],
+    /// Types the proxy has sent its first request for.
+    declared: [bool; 3],
+    sync: Arc<SyncRegistry>,
+    /// Notified when a recompute changed something this proxy uses.
+    wake: Arc<Notify>,
+    /// What this proxy uses, as in the index.
+    interests: Interests,
     /// Nonce → (type, resources it carried).
     inflight: HashMap<String, Inflight>,
     seq: u64,
@@ -205,9 +434,27 @@ impl Conn {
         inbound: &mut Streaming<DeltaDiscoveryRequest>,
         tx: &mpsc::Sender<Out>,
     ) {
-        let mut generation = self.store.subscribe();
-        generation.borrow_and_update();
+        let reconnect = !first.initial_resource_versions.is_empty();
         self.handle(first);
+        if reconnect {
+            // The proxy holds resources from an earlier stream and
+            // declares them per type in its first requests: push once they
+            // are all in, so nothing it holds is sent again.
+            let deadline = tokio::time::Instant::now() + DECLARE_WAIT;
+            while !self.declared.iter().all(|d| *d) {
+                match tokio::time::timeout_at(deadline, inbound.message()).await {
+                    Err(_) => break,
+                    Ok(Ok(Some(req))) => {
+                        self.handle(req);
+                    }
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "xds stream error");
+                        return;
+                    }
+                }
+            }
+        }
         if self.push(tx, false).await.is_err() {
             return;
         }
@@ -225,8 +472,8 @@ impl Conn {
                         return;
                     }
                 },
-                changed = generation.changed() => {
-                    if changed.is_err() || self.push(tx, true).await.is_err() {
+                () = self.wake.notified() => {
+                    if self.push(tx, true).await.is_err() {
                         return;
                     }
                 }
@@ -234,12 +481,14 @@ impl Conn {
         }
     }
 
-    /// Applies a request; true when subscriptions changed.
+    /// Applies a request; true when a push may be due (subscriptions
+    /// changed, or the proxy declared resources it holds).
     fn handle(&mut self, req: DeltaDiscoveryRequest) -> bool {
         let Some(ty) = type_index(&req.type_url) else {
             tracing::warn!(type_url = %req.type_url, "request for an unknown type");
             return false;
         };
+        self.declared[ty] = true;
         if !req.response_nonce.is_empty()
             && let Some((rty, carried)) = self.inflight.remove(&req.response_nonce)
         {
@@ -249,6 +498,7 @@ impl Conn {
                 self.metrics.nack(SHORT[rty]);
                 tracing::warn!(proxy = %st.proxy, r#type = SHORT[rty], error = %err, "proxy rejected config");
             }
+            let mut acked = 0;
             for (name, version) in carried {
                 let e = st
                     .resources
@@ -263,27 +513,45 @@ impl Conn {
                     None => {
                         e.acked = Some(version.to_string());
                         e.nack = None;
+                        acked += 1;
                     }
                 }
             }
             st.refresh_state();
+            drop(st);
+            if acked > 0 {
+                self.sync.acknowledged.send_modify(|a| a[rty] += acked);
+            }
         }
-        for (name, version) in req.initial_resource_versions {
-            // The proxy already has these (a reconnect): no need to resend
-            // unless they changed.
-            self.sent[ty].insert(name.clone(), version.clone().into());
-            let mut st = self.status();
-            let e = st
-                .resources
-                .entry(format!("{}/{name}", SHORT[ty]))
-                .or_default();
-            e.sent = version.clone();
-            e.acked = Some(version);
+        let mut declared = false;
+        if !req.initial_resource_versions.is_empty() {
+            let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            for (name, version) in req.initial_resource_versions {
+                // The proxy held these when it connected. What pilot sent
+                // on this stream since is newer: that record stays, and
+                // the proxy's answer to it decides.
+                if self.sent[ty].contains_key(&name) {
+                    continue;
+                }
+                self.sent[ty].insert(name.clone(), version.clone().into());
+                let e = st
+                    .resources
+                    .entry(format!("{}/{name}", SHORT[ty]))
+                    .or_default();
+                e.sent = version.clone();
+                e.acked = Some(version);
+                e.nack = None;
+                declared = true;
+            }
+            st.refresh_state();
         }
         if ty == C {
-            return false;
+            // Clusters it holds that nothing routes to any more go; but
+            // only once its destinations are known, or it would lose the
+            // clusters they route to until they are.
+            return declared && self.declared[D];
         }
-        let mut changed = false;
+        let mut changed = declared;
         for name in req.resource_names_subscribe {
             changed |= self.subs[ty].insert(name);
         }
@@ -306,8 +574,14 @@ impl Conn {
     /// was sent: clusters first (so routes never point at unknown ones),
     /// then its workload and destinations, then cluster removals.
     async fn push(&mut self, tx: &mpsc::Sender<Out>, on_change: bool) -> Result<(), ()> {
-        let (responses, changed_at) = {
+        // The generation before reading: if it moved by the time the
+        // index knows what this proxy uses, a change may have slipped
+        // between the two, so look again.
+        let generation = self.store.subscribe();
+        let seen = *generation.borrow();
+        let (responses, changed_at, interests) = {
             let c = self.store.read();
+            let mut resolved: BTreeSet<String> = BTreeSet::new();
             let mut updates: [Vec<(String, Arc<Built>)>; 3] = Default::default();
             let mut removed: [Vec<String>; 3] = Default::default();
             let mut want_clusters: BTreeSet<Arc<str>> = BTreeSet::new();
@@ -320,10 +594,11 @@ impl Conn {
                 }
             }
             for name in &self.subs[D] {
-                match c
-                    .resolve(name, &self.node.namespace)
-                    .and_then(|k| c.destinations.get(k))
-                {
+                let key = c.resolve(name, &self.node.namespace);
+                if let Some(k) = key {
+                    resolved.insert(k.to_string());
+                }
+                match key.and_then(|k| c.destinations.get(k)) {
                     Some(b) => {
                         want_clusters.extend(b.refs.iter().cloned());
                         if self.sent[D].get(name) != Some(&b.version) {
@@ -365,8 +640,25 @@ impl Conn {
             if !removed[C].is_empty() {
                 out.push((C, Vec::new(), std::mem::take(&mut removed[C])));
             }
-            (out, c.changed_at)
+            let interests = Interests {
+                destinations: resolved,
+                clusters: want_clusters,
+                node: (!self.subs[W].is_empty()).then(|| self.node.clone()),
+                resolving: !self.subs[D].is_empty(),
+            };
+            (out, c.changed_at, interests)
         };
+        if interests != self.interests {
+            self.sync
+                .index
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set(self.id, &self.interests, &interests);
+            self.interests = interests;
+        }
+        if *generation.borrow() != seen {
+            self.wake.notify_one();
+        }
         if responses.is_empty() {
             return Ok(());
         }

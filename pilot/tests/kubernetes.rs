@@ -1,6 +1,7 @@
 //! The Kubernetes source against a mocked API server (tower-test): the
-//! initial list, watch events, a relist after 410 Gone, deletes, and an
-//! invalid CRD object rejected while the rest applies.
+//! initial list, watch events, a relist after 410 Gone, deletes, an
+//! invalid CRD object rejected while the rest applies, a CRD that is not
+//! installed, and namespaces that are deleted or missing.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -23,11 +24,14 @@ enum Command {
     List(&'static str, Vec<Value>),
     /// Deliver watch events (`{"type": …, "object": …}`) to `plural`'s watch.
     Watch(&'static str, Vec<Value>),
+    /// Answer 404 for `plural` (its CRD is not installed) until a `List`
+    /// for it.
+    Absent(&'static str),
 }
 
 /// Every resource the source lists and watches, by plural.
 fn resources() -> Vec<&'static str> {
-    let mut r = vec!["services", "pods", "endpointslices"];
+    let mut r = vec!["services", "pods", "endpointslices", "namespaces"];
     r.extend(Kind::ALL.iter().map(|k| k.plural()));
     r
 }
@@ -68,6 +72,7 @@ async fn api_server(mut handle: Handle, mut commands: mpsc::UnboundedReceiver<Co
                 match cmd {
                     None => return,
                     Some(Command::List(plural, items)) => { lists.insert(plural, items); }
+                    Some(Command::Absent(plural)) => { lists.remove(plural); }
                     Some(Command::Watch(plural, events)) => match parked.remove(plural) {
                         Some(respond) => respond.send_response(ok(lines(&events))),
                         None => queued.entry(plural).or_default().push_back(events),
@@ -104,6 +109,19 @@ fn gone() -> Value {
         json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Expired",
                "message": "too old resource version", "code": 410}),
     )
+}
+
+fn namespace(name: &str, labels: Value, terminating: bool, rv: u32) -> Value {
+    let mut ns = json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "resourceVersion": rv.to_string(), "labels": labels},
+        "status": {"phase": "Active"},
+    });
+    if terminating {
+        ns["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:00Z");
+        ns["status"]["phase"] = json!("Terminating");
+    }
+    ns
 }
 
 fn meta(ns: &str, name: &str, rv: u32) -> Value {
@@ -216,25 +234,73 @@ fn first_weight(inputs: &Inputs) -> Option<i32> {
 }
 
 fn rejected(running: &mesh_pilot::Running, kind: &str) -> u64 {
+    series(
+        running,
+        &format!("pilot_config_rejected_total{{kind=\"{kind}\"}}"),
+    )
+}
+
+fn rejected_now(running: &mesh_pilot::Running, kind: &str) -> u64 {
+    series(
+        running,
+        &format!("pilot_config_rejected_objects{{kind=\"{kind}\"}}"),
+    )
+}
+
+fn series(running: &mesh_pilot::Running, name: &str) -> u64 {
     let text = running.pilot.metrics.render();
-    let prefix = format!("pilot_config_rejected_total{{kind=\"{kind}\"}} ");
     text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
-#[tokio::test]
-async fn kubernetes_source_follows_the_api_server() {
+/// A mocked API server, pilot started on it, and the way to talk to the
+/// server.
+async fn start_on_mock() -> (mesh_pilot::Running, mpsc::UnboundedSender<Command>) {
+    let (svc, handle) = mock::pair::<Request<kube::client::Body>, Response<Full<Bytes>>>();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(api_server(handle, rx));
+    let client = kube::Client::new(svc, "default");
+    let cfg = Config {
+        xds_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        mesh: MeshSettings::default(),
+        debounce: Debounce::default(),
+    };
+    let running = mesh_pilot::start(cfg, source::Kubernetes::new(client))
+        .await
+        .unwrap();
+    (running, tx)
+}
+
+async fn wait_ready(running: &mesh_pilot::Running) {
+    let mut ready = running.pilot.ready.clone();
+    tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
+        .await
+        .expect("pilot became ready")
+        .unwrap();
+}
+
+fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("mesh_pilot=info")
         .try_init();
+}
+
+#[tokio::test]
+async fn kubernetes_source_follows_the_api_server() {
+    init_tracing();
     let (svc, handle) = mock::pair::<Request<kube::client::Body>, Response<Full<Bytes>>>();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(api_server(handle, rx));
     let send = |c: Command| tx.send(c).unwrap();
 
     // The cluster before pilot starts.
+    send(Command::List(
+        "namespaces",
+        vec![namespace("shop", json!({}), false, 1)],
+    ));
     send(Command::List(
         "services",
         vec![
@@ -358,14 +424,32 @@ async fn kubernetes_source_follows_the_api_server() {
     })
     .await;
     assert_eq!(first_weight(&running.pilot.store.inputs()), Some(100));
+    // An object that is not a VirtualService at all (a list where a list
+    // of routes belongs) is rejected by name, and also keeps the last
+    // valid version.
+    let mut misshapen = virtual_service("reviews", (100, 0), 3);
+    misshapen["spec"]["http"] = json!("all of it");
     send(Command::Watch(
         "virtualservices",
-        vec![event("MODIFIED", virtual_service("reviews", (20, 80), 3))],
+        vec![event("MODIFIED", misshapen)],
+    ));
+    eventually(&running, "the misshapen edit counted", |_| {
+        rejected(&running, "VirtualService") == before + 2
+    })
+    .await;
+    assert_eq!(first_weight(&running.pilot.store.inputs()), Some(100));
+    send(Command::Watch(
+        "virtualservices",
+        vec![event("MODIFIED", virtual_service("reviews", (20, 80), 4))],
     ));
     eventually(&running, "the good edit applied", |i| {
         first_weight(i) == Some(20)
     })
     .await;
+    // Revalidating the set read the invalid `ratings` again: the same
+    // rejection, not counted twice. It is the one rejected object left.
+    assert_eq!(rejected(&running, "VirtualService"), before + 2);
+    assert_eq!(rejected_now(&running, "VirtualService"), 1);
 
     // The services watch expires (410 Gone) while reviews was deleted and
     // details created: the relist brings both.
@@ -397,4 +481,141 @@ async fn kubernetes_source_follows_the_api_server() {
     let inputs = running.pilot.store.inputs();
     assert_eq!(first_weight(&inputs), Some(20));
     assert_eq!(endpoints(&inputs, "db"), ["10.9.0.1:5432"]);
+}
+
+#[tokio::test]
+async fn a_crd_that_is_not_installed_is_a_kind_without_objects_until_it_is() {
+    init_tracing();
+    let (running, tx) = start_on_mock().await;
+    let send = |c: Command| tx.send(c).unwrap();
+    send(Command::List(
+        "namespaces",
+        vec![namespace("shop", json!({}), false, 1)],
+    ));
+    send(Command::List("destinationrules", vec![destination_rule()]));
+    // The cluster has no VirtualService CRD: its list answers 404.
+    send(Command::Absent("virtualservices"));
+
+    // Pilot does not wait for it: ready with what the cluster has.
+    wait_ready(&running).await;
+    let inputs = running.pilot.store.inputs();
+    assert!(
+        inputs
+            .config
+            .contains_key(&key(Kind::DestinationRule, "reviews"))
+    );
+    assert_eq!(first_weight(&inputs), None);
+
+    // The CRD is installed and a VirtualService created: the watcher,
+    // still retrying, lists it.
+    send(Command::List(
+        "virtualservices",
+        vec![virtual_service("reviews", (70, 30), 1)],
+    ));
+    eventually(&running, "the VirtualService applied", |i| {
+        first_weight(i) == Some(70)
+    })
+    .await;
+    assert!(
+        running
+            .pilot
+            .store
+            .inputs()
+            .config
+            .contains_key(&key(Kind::DestinationRule, "reviews"))
+    );
+}
+
+fn shop_service(ns: &str, name: &str) -> Value {
+    let mut s = service(name, Some(name), ("http", 9080));
+    s["metadata"]["namespace"] = json!(ns);
+    s["metadata"]["uid"] = json!(format!("{ns}-{name}"));
+    s
+}
+
+fn services_by_namespace(inputs: &Inputs) -> Vec<String> {
+    inputs.services.keys().map(|k| k.to_string()).collect()
+}
+
+#[tokio::test]
+async fn objects_of_namespaces_being_deleted_or_missing_are_left_out() {
+    init_tracing();
+    let (running, tx) = start_on_mock().await;
+    let send = |c: Command| tx.send(c).unwrap();
+    send(Command::List(
+        "namespaces",
+        vec![
+            namespace("shop", json!({"team": "a"}), false, 1),
+            namespace("other", json!({}), false, 1),
+        ],
+    ));
+    // `ghost` does not exist (yet).
+    send(Command::List(
+        "services",
+        vec![
+            shop_service("shop", "reviews"),
+            shop_service("other", "ratings"),
+            shop_service("ghost", "details"),
+        ],
+    ));
+    send(Command::List(
+        "pods",
+        vec![pod("reviews-v1", "v1", "10.1.0.1", true, 1)],
+    ));
+    send(Command::List("destinationrules", vec![destination_rule()]));
+    wait_ready(&running).await;
+    let inputs = running.pilot.store.inputs();
+    assert_eq!(
+        services_by_namespace(&inputs),
+        ["other/ratings", "shop/reviews"]
+    );
+    assert_eq!(
+        inputs.namespace_labels("shop"),
+        Some(&[("team".to_string(), "a".to_string())].into())
+    );
+    assert_eq!(endpoints(&inputs, "reviews"), ["10.1.0.1:9080"]);
+
+    // `ghost` is created: its service appears. `shop`'s labels change.
+    send(Command::Watch(
+        "namespaces",
+        vec![
+            event("ADDED", namespace("ghost", json!({}), false, 2)),
+            event(
+                "MODIFIED",
+                namespace("shop", json!({"team": "b"}), false, 3),
+            ),
+        ],
+    ));
+    eventually(&running, "ghost's service and shop's new labels", |i| {
+        services_by_namespace(i) == ["ghost/details", "other/ratings", "shop/reviews"]
+            && i.namespace_labels("shop").and_then(|l| l.get("team")) == Some(&"b".to_string())
+    })
+    .await;
+
+    // `shop` is being deleted: its service, pods and config go at once,
+    // before the API server deletes them one by one.
+    send(Command::Watch(
+        "namespaces",
+        vec![event(
+            "MODIFIED",
+            namespace("shop", json!({"team": "b"}), true, 4),
+        )],
+    ));
+    eventually(&running, "shop's objects dropped", |i| {
+        services_by_namespace(i) == ["ghost/details", "other/ratings"]
+            && !i.workloads.keys().any(|k| k.namespace == "shop")
+            && !i.config.keys().any(|k| k.namespace == "shop")
+            && i.namespace_labels("shop").is_none()
+    })
+    .await;
+
+    // `other` is gone.
+    send(Command::Watch(
+        "namespaces",
+        vec![event("DELETED", namespace("other", json!({}), false, 5))],
+    ));
+    eventually(&running, "other's service dropped", |i| {
+        services_by_namespace(i) == ["ghost/details"]
+    })
+    .await;
 }

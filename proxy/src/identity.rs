@@ -86,6 +86,11 @@ impl Certs {
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
+    /// Puts a certificate in force (the next handshakes use it).
+    pub fn install(&self, id: Identity) {
+        self.current.store(Some(Arc::new(id)));
+    }
+
     /// The certificate in force; `None` before the first one and after
     /// expiry.
     pub fn current(&self) -> Option<Arc<Identity>> {
@@ -93,6 +98,90 @@ impl Certs {
             .load_full()
             .filter(|i| !i.expired(SystemTime::now()))
     }
+}
+
+/// How the proxy checks pilot on its TLS port (15012), where pilot serves
+/// the CA and xDS: pilot's certificate must chain to the mesh's roots (the
+/// mounted root file) and name the host dialled, or `name`. Pilot's
+/// serving certificate carries DNS names and IPs (its `--tls-name`s,
+/// `mesh-pilot.mesh-system.svc` by default), no SPIFFE ID.
+#[derive(Clone, Debug)]
+pub struct PilotTls {
+    /// PEM roots to trust (re-read at every connection: the mounted
+    /// `mesh-ca-root-cert` changes during a root rotation).
+    pub root: PathBuf,
+    /// The name to expect in pilot's certificate (default: the host).
+    pub name: Option<String>,
+}
+
+/// How long a TLS handshake with pilot may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl PilotTls {
+    /// The roots file's PEM; an error when it holds no certificate.
+    pub fn read_roots(&self) -> Result<String, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::fs::read_to_string(&self.root)
+            .map_err(|e| format!("mesh root {}: {e}", self.root.display()))?;
+        let mut certs = CertificateDer::pem_slice_iter(pem.as_bytes());
+        match certs.next() {
+            Some(Ok(_)) => Ok(pem),
+            Some(Err(e)) => Err(format!("mesh root {}: {e}", self.root.display())),
+            None => Err(format!("mesh root {}: no certificate", self.root.display())),
+        }
+    }
+
+    /// An endpoint for `addr` (`https://host:port`) that speaks TLS and
+    /// nothing else, trusting only `roots`. `client`, when given, is
+    /// presented if pilot asks for a client certificate.
+    pub fn endpoint(
+        &self,
+        addr: &str,
+        roots: &str,
+        client: Option<&Identity>,
+    ) -> Result<tonic::transport::Endpoint, String> {
+        let uri: http::Uri = addr
+            .parse()
+            .map_err(|e| format!("pilot address {addr:?}: {e}"))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(format!(
+                "pilot address {addr:?}: TLS needs an https:// address"
+            ));
+        }
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(roots))
+            .timeout(HANDSHAKE_TIMEOUT);
+        if let Some(name) = &self.name {
+            tls = tls.domain_name(name.clone());
+        }
+        if let Some(id) = client {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                id.cert_chain.join("\n"),
+                &id.key_pem,
+            ));
+        }
+        tonic::transport::Endpoint::from_shared(addr.to_string())
+            .map_err(|e| format!("pilot address {addr:?}: {e}"))?
+            .tls_config(tls)
+            .map_err(|e| format!("pilot address {addr:?}: {}", error_chain(&e)))
+    }
+}
+
+/// An error with its causes (`transport error: … : invalid peer
+/// certificate: UnknownIssuer`), for logs that say why.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// Asks the CA once.
@@ -112,22 +201,18 @@ pub async fn fetch(s: &Settings) -> Result<Identity, String> {
         .map_err(|e| e.to_string())?;
     let token = std::fs::read_to_string(&s.token_file)
         .map_err(|e| format!("token {}: {e}", s.token_file.display()))?;
-    let root = std::fs::read_to_string(&s.ca_root)
-        .map_err(|e| format!("CA root {}: {e}", s.ca_root.display()))?;
-    let mut tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&root));
-    if let Some(name) = &s.ca_name {
-        tls = tls.domain_name(name.clone());
-    }
-    let channel = tonic::transport::Endpoint::from_shared(s.ca_addr.clone())
-        .map_err(|e| format!("CA address {:?}: {e}", s.ca_addr))?
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
+    let tls = PilotTls {
+        root: s.ca_root.clone(),
+        name: s.ca_name.clone(),
+    };
+    let root = tls.read_roots()?;
+    let channel = tls
+        .endpoint(&s.ca_addr, &root, None)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| format!("CA {}: {e}", s.ca_addr))?;
+        .map_err(|e| format!("CA {}: {}", s.ca_addr, error_chain(&e)))?;
     let mut req = tonic::Request::new(mesh_api::ca::CertificateRequest {
         csr,
         validity_seconds: s.ttl.map_or(0, |d| d.as_secs() as i64),
@@ -216,7 +301,7 @@ pub async fn run(certs: Arc<Certs>, s: Settings) {
                     .mul_f64(0.9 + 0.2 * fastrand::f64())
                     .max(Duration::from_millis(200));
                 tracing::info!(spiffe_id = %id.spiffe_id, serial = %id.serial, renew_in = ?wait, "certificate issued");
-                certs.current.store(Some(Arc::new(id)));
+                certs.install(id);
                 certs
                     .issued
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -39,9 +39,9 @@
 //! `--iptables-mode auto` decides once, with the IPv4 `*-save` binaries, and uses
 //! the same backend for `ip6tables`.
 
+use mesh_api::capture::{self, Capture, Cidr, ListError};
 use std::fmt;
 use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Command, Output, Stdio};
 
 const INBOUND_CHAIN: &str = "MESH_INBOUND";
@@ -247,14 +247,6 @@ fn print_dry_run(rules: &Rules, out: &mut dyn Write) -> Result<(), InitError> {
 // Validated configuration
 // ---------------------------------------------------------------------------
 
-/// What to capture: everything, or only the listed items (an empty list captures
-/// nothing).
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Capture<T> {
-    All,
-    Only(Vec<T>),
-}
-
 /// [`InitArgs`] after validation.
 #[derive(Debug, Clone)]
 struct Config {
@@ -275,76 +267,42 @@ struct Config {
 impl Config {
     fn from_args(args: &InitArgs) -> Result<Self, InitError> {
         let mut exclude_inbound_ports = STATUS_PORTS.to_vec();
-        exclude_inbound_ports.extend(parse_list(
-            EXCLUDE_INBOUND_PORTS_FLAG,
-            &args.exclude_inbound_ports,
-            parse_port,
-        )?);
+        exclude_inbound_ports.extend(
+            capture::port_list(&args.exclude_inbound_ports)
+                .map_err(at(EXCLUDE_INBOUND_PORTS_FLAG))?,
+        );
         Ok(Self {
             proxy_uid: args.proxy_uid,
             proxy_gid: args.proxy_gid,
             outbound_port: check_port(OUTBOUND_PORT_FLAG, args.outbound_port)?,
             inbound_port: check_port(INBOUND_PORT_FLAG, args.inbound_port)?,
-            inbound_ports: parse_capture(INBOUND_PORTS_FLAG, &args.inbound_ports, parse_port)?,
+            inbound_ports: capture::port_capture(&args.inbound_ports)
+                .map_err(at(INBOUND_PORTS_FLAG))?,
             exclude_inbound_ports: dedup(exclude_inbound_ports),
-            outbound_ips: parse_capture(OUTBOUND_IPS_FLAG, &args.outbound_ips, parse_cidr)?,
-            exclude_outbound_ips: parse_list(
-                EXCLUDE_OUTBOUND_IPS_FLAG,
-                &args.exclude_outbound_ips,
-                parse_cidr,
-            )?,
-            exclude_outbound_ports: parse_list(
-                EXCLUDE_OUTBOUND_PORTS_FLAG,
-                &args.exclude_outbound_ports,
-                parse_port,
-            )?,
-            include_outbound_ports: parse_list(
-                INCLUDE_OUTBOUND_PORTS_FLAG,
-                &args.include_outbound_ports,
-                parse_port,
-            )?,
+            outbound_ips: capture::cidr_capture(&args.outbound_ips)
+                .map_err(at(OUTBOUND_IPS_FLAG))?,
+            exclude_outbound_ips: capture::cidr_list(&args.exclude_outbound_ips)
+                .map_err(at(EXCLUDE_OUTBOUND_IPS_FLAG))?,
+            exclude_outbound_ports: capture::port_list(&args.exclude_outbound_ports)
+                .map_err(at(EXCLUDE_OUTBOUND_PORTS_FLAG))?,
+            include_outbound_ports: capture::port_list(&args.include_outbound_ports)
+                .map_err(at(INCLUDE_OUTBOUND_PORTS_FLAG))?,
             ipv6: args.ipv6,
         })
     }
 }
 
-/// Parses one list item; gets the flag name for its error.
-type ItemParser<T> = fn(&'static str, &str) -> Result<T, InitError>;
-
-/// Splits a comma list, ignoring blanks and empty items.
-fn list_items(value: &str) -> impl Iterator<Item = &str> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-}
-
-fn parse_list<T: PartialEq>(
-    flag: &'static str,
-    value: &str,
-    parse: ItemParser<T>,
-) -> Result<Vec<T>, InitError> {
-    let items = list_items(value)
-        .map(|item| parse(flag, item))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(dedup(items))
-}
-
-fn parse_capture<T: PartialEq>(
-    flag: &'static str,
-    value: &str,
-    parse: ItemParser<T>,
-) -> Result<Capture<T>, InitError> {
-    if value.trim() == "*" {
-        return Ok(Capture::All);
-    }
-    if list_items(value).any(|item| item == "*") {
-        return Err(InitError::MixedWildcard {
+/// A list error of the shared parser, named by its flag.
+fn at(flag: &'static str) -> impl Fn(ListError) -> InitError {
+    move |e| match e {
+        ListError::InvalidPort { value } => InitError::InvalidPort { flag, value },
+        ListError::InvalidCidr { value, reason } => InitError::InvalidCidr {
             flag,
-            value: value.to_owned(),
-        });
+            value,
+            reason,
+        },
+        ListError::MixedWildcard { value } => InitError::MixedWildcard { flag, value },
     }
-    parse_list(flag, value, parse).map(Capture::Only)
 }
 
 /// Removes repeated items, keeping the first occurrence and the order.
@@ -358,20 +316,6 @@ fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
     unique
 }
 
-fn parse_port(flag: &'static str, item: &str) -> Result<u16, InitError> {
-    let invalid = || InitError::InvalidPort {
-        flag,
-        value: item.to_owned(),
-    };
-    if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(invalid());
-    }
-    item.parse::<u16>()
-        .ok()
-        .filter(|&port| port != 0)
-        .ok_or_else(invalid)
-}
-
 fn check_port(flag: &'static str, port: u16) -> Result<u16, InitError> {
     if port == 0 {
         return Err(InitError::InvalidPort {
@@ -382,14 +326,6 @@ fn check_port(flag: &'static str, port: u16) -> Result<u16, InitError> {
     Ok(port)
 }
 
-fn parse_cidr(flag: &'static str, item: &str) -> Result<Cidr, InitError> {
-    Cidr::parse(item).map_err(|reason| InitError::InvalidCidr {
-        flag,
-        value: item.to_owned(),
-        reason,
-    })
-}
-
 /// IP version of a rule set or CIDR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
@@ -397,79 +333,19 @@ enum Family {
     V6,
 }
 
+fn family_of(cidr: &Cidr) -> Family {
+    if cidr.is_ipv4() {
+        Family::V4
+    } else {
+        Family::V6
+    }
+}
+
 impl Family {
     fn loopback(self) -> &'static str {
         match self {
             Family::V4 => "127.0.0.1/32",
             Family::V6 => "::1/128",
-        }
-    }
-}
-
-/// An IP network. A bare address means a single host; host bits are cleared
-/// (`10.1.2.3/8` is `10.0.0.0/8`), as iptables itself does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    /// Parses `ADDR[/PREFIX]`; the error is the reason, for [`InitError::InvalidCidr`].
-    fn parse(text: &str) -> Result<Self, String> {
-        let (addr_text, prefix_text) = match text.split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (text, None),
-        };
-        let addr: IpAddr = addr_text
-            .parse()
-            .map_err(|_| format!("{addr_text:?} is not an IPv4 or IPv6 address"))?;
-        let max = match addr {
-            IpAddr::V4(_) => 32,
-            IpAddr::V6(_) => 128,
-        };
-        let prefix = match prefix_text {
-            None => max,
-            Some(prefix) => parse_prefix_len(prefix, max)
-                .ok_or_else(|| format!("prefix length must be 0-{max}"))?,
-        };
-        Ok(Self {
-            addr: network(addr, prefix),
-            prefix,
-        })
-    }
-
-    fn family(&self) -> Family {
-        match self.addr {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-fn parse_prefix_len(text: &str, max: u8) -> Option<u8> {
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    text.parse::<u8>().ok().filter(|&len| len <= max)
-}
-
-/// Clears the bits of `addr` after the first `prefix` bits.
-fn network(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(v4) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
-        }
-        IpAddr::V6(v6) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
         }
     }
 }
@@ -584,7 +460,7 @@ fn output_rules(config: &Config, family: Family) -> Vec<Rule> {
         cidrs
             .iter()
             .copied()
-            .filter(|cidr| cidr.family() == family)
+            .filter(|cidr| family_of(cidr) == family)
             .collect()
     };
 

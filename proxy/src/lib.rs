@@ -261,14 +261,36 @@ pub async fn start(
 /// Takes config from pilot from now on: connects (and reconnects) in the
 /// background, and asks pilot on demand for destinations not seen yet.
 /// The proxy's metrics address goes to pilot with the node, for its
-/// service graph.
-pub fn follow_pilot(running: &Arc<Running>, mut settings: xds::Settings) -> Arc<xds::Client> {
+/// service graph. Plaintext (pilot's 15010); see [`follow_pilot_tls`].
+pub fn follow_pilot(running: &Arc<Running>, settings: xds::Settings) -> Arc<xds::Client> {
+    follow(running, settings, None)
+}
+
+/// As [`follow_pilot`], over TLS to pilot's 15012 (`https://` address):
+/// pilot's certificate is checked as `tls` says, the workload certificate
+/// is offered once the proxy has one.
+pub fn follow_pilot_tls(
+    running: &Arc<Running>,
+    settings: xds::Settings,
+    tls: identity::PilotTls,
+) -> Arc<xds::Client> {
+    follow(running, settings, Some(tls))
+}
+
+fn follow(
+    running: &Arc<Running>,
+    mut settings: xds::Settings,
+    tls: Option<identity::PilotTls>,
+) -> Arc<xds::Client> {
     if settings.node.metrics_addr.is_empty()
         && let Some(m) = running.metrics
     {
         settings.node.metrics_addr = m.to_string();
     }
-    let client = xds::Client::new(settings);
+    let client = match tls {
+        Some(tls) => xds::Client::with_tls(settings, tls),
+        None => xds::Client::new(settings),
+    };
     let _ = running.proxy.xds.set(client.clone());
     tokio::spawn(client.clone().run(running.clone()));
     client

@@ -62,8 +62,12 @@ struct RunArgs {
     /// The proxy config (YAML or JSON), reloaded when it changes.
     #[arg(long, env = "MESH_PROXY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Pilot's xDS address (`host:port` or `http://host:port`): the config
-    /// comes from pilot instead of a file.
+    /// Pilot's xDS address: the config comes from pilot instead of a file.
+    /// `https://host:15012` is pilot's TLS port: its certificate must chain
+    /// to --ca-root and name the host (or --xds-name), and the workload
+    /// certificate is offered once the proxy has one; a failed handshake is
+    /// retried, never downgraded. `host:port` or `http://host:port` is the
+    /// plaintext port (15010, local mode and tests).
     #[arg(
         long,
         env = "MESH_XDS_ADDR",
@@ -71,6 +75,10 @@ struct RunArgs {
         conflicts_with = "config"
     )]
     xds: Option<String>,
+    /// The name in pilot's certificate for an https --xds (default: the
+    /// host of --xds).
+    #[arg(long, env = "MESH_XDS_NAME", value_name = "NAME")]
+    xds_name: Option<String>,
     /// The workload this proxy serves (xDS).
     #[arg(long, env = "MESH_WORKLOAD", value_name = "NAME")]
     workload: Option<String>,
@@ -93,7 +101,8 @@ struct RunArgs {
     /// certificate there.
     #[arg(long, env = "MESH_CA_ADDR")]
     ca_addr: Option<String>,
-    /// PEM roots to trust for the CA's own certificate.
+    /// PEM roots to trust for pilot's certificate (the CA, and xDS over
+    /// https).
     #[arg(
         long,
         env = "MESH_CA_ROOT",
@@ -264,6 +273,18 @@ fn main() -> ExitCode {
             }
         },
     };
+    let xds = match args.xds.as_deref().map(mesh_proxy::xds::parse_addr) {
+        None => None,
+        Some(Ok(x)) => Some(x),
+        Some(Err(e)) => {
+            eprintln!("mesh-proxy: --xds {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if xds.is_some() && args.workload.is_none() {
+        eprintln!("mesh-proxy: --xds needs --workload (or MESH_WORKLOAD)");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let log = init_logging(args.log_format);
     let initial = match &args.config {
         Some(path) => match mesh_proxy::read_config(path) {
@@ -351,16 +372,10 @@ fn main() -> ExitCode {
                 tracing::info!(listener = what, addr = %a, "listening");
             }
         }
-        if let Some(addr) = &args.xds {
-            let Some(workload) = args.workload.clone() else {
-                eprintln!("mesh-proxy: --xds needs --workload (or MESH_WORKLOAD)");
-                return ExitCode::from(EXIT_CONFIG);
-            };
-            let addr = if addr.contains("://") {
-                addr.clone()
-            } else {
-                format!("http://{addr}")
-            };
+        if let (Some((addr, tls)), Some(workload)) = (xds, args.workload.clone()) {
+            if !tls && addr.ends_with(":15012") {
+                tracing::warn!(%addr, "pilot's 15012 speaks TLS only: use https://");
+            }
             let node = mesh_api::discovery::Node {
                 id: args
                     .proxy_id
@@ -380,15 +395,21 @@ fn main() -> ExitCode {
                 metrics_addr: String::new(),
                 gateways: args.gateway_names.clone(),
             };
-            mesh_proxy::follow_pilot(
-                &running,
-                mesh_proxy::xds::Settings {
-                    addr,
-                    node,
-                    demand_timeout: args.demand_timeout,
-                    backoff: (Duration::from_millis(100), Duration::from_secs(10)),
-                },
-            );
+            let settings = mesh_proxy::xds::Settings {
+                addr,
+                node,
+                demand_timeout: args.demand_timeout,
+                backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+            };
+            if tls {
+                let tls = mesh_proxy::identity::PilotTls {
+                    root: args.ca_root.clone(),
+                    name: args.xds_name.clone(),
+                };
+                mesh_proxy::follow_pilot_tls(&running, settings, tls);
+            } else {
+                mesh_proxy::follow_pilot(&running, settings);
+            }
         }
         if let Some(ca_addr) = &args.ca_addr {
             let ca_addr = if ca_addr.contains("://") {

@@ -8,9 +8,16 @@
 //! and keeps what it had. While pilot is away the proxy keeps serving its
 //! last config, and reconnects with jittered exponential backoff,
 //! resubscribing to what it had and telling pilot which versions it holds.
+//!
+//! Pilot listens in plaintext on 15010 (local mode and tests) and over
+//! TLS on 15012. Over TLS ([`Client::with_tls`], an `https://` address) the
+//! proxy checks pilot's certificate against the mesh's roots exactly as it
+//! does for the CA ([`PilotTls`]), presents its workload certificate when
+//! it has one and pilot asks, and retries a failed handshake with the same
+//! backoff: it never falls back to plaintext.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,11 +30,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::Running;
+use crate::identity::{Certs, PilotTls, error_chain};
 
 /// How the proxy talks to pilot.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// `http://host:port` of pilot's xDS port.
+    /// Pilot's xDS port: `http://host:port` (plaintext, 15010) or
+    /// `https://host:port` (TLS, 15012; see [`Client::with_tls`]).
     pub addr: String,
     pub node: wire::Node,
     /// How long a request for a destination the proxy has not seen waits
@@ -40,6 +49,8 @@ pub struct Settings {
 /// Shared between the stream task and the data path.
 pub struct Client {
     settings: Settings,
+    /// How pilot's certificate is checked; `None`: plaintext.
+    tls: Option<PilotTls>,
     /// Destination names asked for: true once pilot answered.
     names: Mutex<HashMap<String, bool>>,
     subscribe: mpsc::UnboundedSender<Vec<String>>,
@@ -47,23 +58,53 @@ pub struct Client {
     /// Bumped after every response.
     answered: watch::Sender<u64>,
     connected: AtomicBool,
+    /// Streams that ended in an error, and the last error.
+    failures: AtomicU64,
+    last_error: Mutex<Option<String>>,
 }
 
 impl Client {
+    /// A client of pilot's plaintext port (`http://` address).
     pub fn new(settings: Settings) -> Arc<Client> {
+        Client::build(settings, None)
+    }
+
+    /// A client of pilot's TLS port (`https://` address): pilot must prove
+    /// itself with a certificate from the mesh's roots.
+    pub fn with_tls(settings: Settings, tls: PilotTls) -> Arc<Client> {
+        Client::build(settings, Some(tls))
+    }
+
+    fn build(settings: Settings, tls: Option<PilotTls>) -> Arc<Client> {
         let (tx, rx) = mpsc::unbounded_channel();
         Arc::new(Client {
             settings,
+            tls,
             names: Mutex::new(HashMap::new()),
             subscribe: tx,
             subscribe_rx: Mutex::new(Some(rx)),
             answered: watch::channel(0).0,
             connected: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
+            last_error: Mutex::new(None),
         })
     }
 
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// How many connections to pilot failed or broke.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Why the last one did.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Makes sure pilot was asked for these destinations (`host:port`),
@@ -137,7 +178,9 @@ impl Client {
             match result {
                 Ok(()) => tracing::warn!(addr = %self.settings.addr, "pilot closed the stream"),
                 Err(e) => {
-                    tracing::warn!(addr = %self.settings.addr, error = %e, "pilot unreachable")
+                    tracing::warn!(addr = %self.settings.addr, error = %e, "pilot unreachable");
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                 }
             }
             if got_response {
@@ -158,52 +201,24 @@ impl Client {
         subscribe_rx: &mut mpsc::UnboundedReceiver<Vec<String>>,
         got_response: &mut bool,
     ) -> Result<(), String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.settings.addr.clone())
-            .map_err(|e| format!("invalid pilot address {:?}: {e}", self.settings.addr))?
+        let endpoint = self
+            .endpoint(&running.proxy.tls.certs)?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
-        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
         let mut client =
             AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
         // Say who we are, and what we already have: pilot sends only what
         // changed while we were away.
-        let node = &self.settings.node;
-        let workload_name = format!("{}/{}", node.namespace, node.workload);
         let destinations: Vec<String> = {
             let known = self.names.lock().unwrap_or_else(|e| e.into_inner());
             known.keys().cloned().collect()
         };
-        // The workload first (it carries the node), clusters last: pilot
-        // removes clusters nothing subscribed routes to, so it must know
-        // the subscriptions before it hears which clusters we hold.
-        let initial = [
-            (
-                WORKLOAD,
-                vec![workload_name.clone()],
-                versions(have.workload.iter().map(|(v, _)| (&workload_name, v))),
-            ),
-            (
-                DESTINATION,
-                destinations,
-                versions(have.destinations.iter().map(|(k, (v, _))| (k, v))),
-            ),
-            (
-                CLUSTER,
-                Vec::new(),
-                versions(have.clusters.iter().map(|(k, (v, _))| (k, v))),
-            ),
-        ];
-        for (i, (ty, subscribe, initial_versions)) in initial.into_iter().enumerate() {
-            let req = DeltaDiscoveryRequest {
-                node: (i == 0).then(|| node.clone()),
-                type_url: ty.to_string(),
-                resource_names_subscribe: subscribe,
-                initial_resource_versions: initial_versions,
-                ..Default::default()
-            };
+        have.forget_unless_running();
+        for req in hello(&self.settings.node, have, destinations) {
             tx.send(req).await.map_err(|e| e.to_string())?;
         }
         let mut inbound = client
@@ -235,6 +250,25 @@ impl Client {
                     tx.send(req).await.map_err(|e| e.to_string())?;
                 }
             }
+        }
+    }
+
+    /// The endpoint of pilot's xDS port: over TLS when the client was built
+    /// with it (the workload certificate of the moment offered as client
+    /// certificate); an `https://` address without TLS settings is an
+    /// error, never a plaintext connection.
+    fn endpoint(&self, certs: &Certs) -> Result<tonic::transport::Endpoint, String> {
+        let addr = &self.settings.addr;
+        match &self.tls {
+            Some(tls) => {
+                let roots = tls.read_roots()?;
+                tls.endpoint(addr, &roots, certs.current().as_deref())
+            }
+            None if addr.starts_with("https://") => Err(format!(
+                "pilot address {addr:?}: TLS needs the mesh's roots"
+            )),
+            None => tonic::transport::Endpoint::from_shared(addr.clone())
+                .map_err(|e| format!("invalid pilot address {addr:?}: {e}")),
         }
     }
 
@@ -318,6 +352,68 @@ impl Client {
     }
 }
 
+/// The requests that open a stream: who the proxy is and what it holds.
+///
+/// Pilot may push after each of them; a push sends the clusters that the
+/// subscriptions known so far route to and that the proxy is not known to
+/// hold, and removes held clusters they do not route to. So: the workload
+/// first (it carries the node, and its held version tells pilot this is a
+/// reconnect; no cluster is known held yet, so none is removed), then the
+/// clusters held, then the destinations, whose push routes to most
+/// clusters and then sends only those that changed. The protocol carries
+/// one type URL per request, hence three.
+fn hello(node: &wire::Node, have: &Held, destinations: Vec<String>) -> [DeltaDiscoveryRequest; 3] {
+    let workload_name = format!("{}/{}", node.namespace, node.workload);
+    let workload_versions = versions(have.workload.iter().map(|(v, _)| (&workload_name, v)));
+    [
+        DeltaDiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: WORKLOAD.to_string(),
+            resource_names_subscribe: vec![workload_name],
+            initial_resource_versions: workload_versions,
+            ..Default::default()
+        },
+        DeltaDiscoveryRequest {
+            type_url: CLUSTER.to_string(),
+            initial_resource_versions: versions(have.clusters.iter().map(|(k, (v, _))| (k, v))),
+            ..Default::default()
+        },
+        DeltaDiscoveryRequest {
+            type_url: DESTINATION.to_string(),
+            resource_names_subscribe: destinations,
+            initial_resource_versions: versions(have.destinations.iter().map(|(k, (v, _))| (k, v))),
+            ..Default::default()
+        },
+    ]
+}
+
+/// `--xds ADDR`: `https://host:port` is pilot's TLS port; `http://host:port`
+/// or a bare `host:port` its plaintext port. Returns the address with its
+/// scheme, and whether it is TLS.
+pub fn parse_addr(addr: &str) -> Result<(String, bool), String> {
+    let full = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let uri: http::Uri = full
+        .parse()
+        .map_err(|e| format!("pilot address {addr:?}: {e}"))?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => {
+            return Err(format!(
+                "pilot address {addr:?}: expected https://host:port or host:port"
+            ));
+        }
+    };
+    if uri.host().is_none_or(str::is_empty) || uri.port_u16().is_none() {
+        return Err(format!("pilot address {addr:?}: expected host:port"));
+    }
+    Ok((full, tls))
+}
+
 fn versions<'a>(it: impl Iterator<Item = (&'a String, &'a String)>) -> HashMap<String, String> {
     it.map(|(k, v)| (k.clone(), v.clone())).collect()
 }
@@ -334,6 +430,16 @@ struct Held {
 }
 
 impl Held {
+    /// Before a new stream: without the workload resource nothing was
+    /// assembled from the rest, so nothing of it runs; it is dropped, and
+    /// the proxy declares nothing, like a new one.
+    fn forget_unless_running(&mut self) {
+        if self.workload.is_none() {
+            self.destinations.clear();
+            self.clusters.clear();
+        }
+    }
+
     /// The config these resources make, once the workload resource is in.
     fn assemble(&mut self) -> Option<ProxyConfig> {
         let (_, w) = self.workload.as_ref()?;
@@ -366,3 +472,6 @@ impl Held {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -820,6 +820,42 @@ fn profiles_render_what_they_promise() {
 }
 
 #[test]
+fn gateways_take_their_config_from_pilots_tls_port() {
+    let material = render::Material::generate("cluster.local").unwrap();
+    let objects = render::render(&values(Profile::Demo, &[]), &material, 30);
+    for name in ["mesh-ingressgateway", "mesh-egressgateway"] {
+        let gw = objects
+            .iter()
+            .find(|o| o.kind() == "Deployment" && o.name() == name)
+            .unwrap_or_else(|| panic!("{name} rendered"));
+        let env = gw.value["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap();
+        let value = |key: &str| {
+            env.iter()
+                .find(|e| e["name"] == key)
+                .and_then(|e| e["value"].as_str())
+                .unwrap_or_else(|| panic!("{name} sets {key}"))
+                .to_string()
+        };
+        // TLS, checked against the mesh root the pod mounts; never 15010.
+        assert_eq!(
+            value("MESH_XDS_ADDR"),
+            "https://mesh-pilot.mesh-system.svc:15012",
+            "{name}"
+        );
+        assert!(!gw.value.to_string().contains(":15010"), "{name}");
+        let mounts = gw.value["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap();
+        assert!(
+            mounts.iter().any(|m| m["mountPath"] == "/etc/mesh/root"),
+            "{name} mounts the mesh root"
+        );
+    }
+}
+
+#[test]
 fn values_reach_the_objects() {
     let material = render::Material::generate("example.org").unwrap();
     let v = values(

@@ -176,77 +176,67 @@ async fn kubernetes_tokens_are_checked_by_a_token_review_with_the_mesh_audience(
 
 #[tokio::test]
 async fn every_live_namespace_gets_the_root_configmap() {
+    use std::collections::BTreeMap;
+
     use http::{Request, Response};
     use http_body_util::{BodyExt, Full};
+
+    use crate::registry::Namespace;
+    use crate::source::Namespaces;
     let (svc, mut handle) =
         tower_test::mock::pair::<Request<kube::client::Body>, Response<Full<bytes::Bytes>>>();
     let (applied_tx, mut applied) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut parked = Vec::new();
-        let mut watched = false;
         while let Some((req, respond)) = handle.next_request().await {
             let (method, uri) = (req.method().clone(), req.uri().clone());
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let ok =
                 |v: serde_json::Value| Response::new(Full::new(bytes::Bytes::from(v.to_string())));
-            match (method.as_str(), uri.path()) {
-                ("GET", "/api/v1/namespaces")
-                    if uri.query().is_some_and(|q| q.contains("watch=true")) =>
-                {
-                    if watched {
-                        parked.push(respond);
-                    } else {
-                        watched = true;
-                        let ev = serde_json::json!({"type": "ADDED", "object": {
-                            "apiVersion": "v1", "kind": "Namespace",
-                            "metadata": {"name": "new", "resourceVersion": "2"}}});
-                        respond.send_response(ok(ev));
-                    }
-                }
-                ("GET", "/api/v1/namespaces") => respond.send_response(ok(serde_json::json!({
-                "apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": "1"},
-                "items": [
-                    {"metadata": {"name": "default"}},
-                    {"metadata": {"name": "shop"}},
-                    {"metadata": {"name": "old"}, "status": {"phase": "Terminating"}},
-                ]}))),
-                ("PATCH", path) => {
-                    assert!(
-                        uri.query().unwrap().contains("fieldManager=mesh-pilot"),
-                        "{uri}"
-                    );
-                    let cm: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                    applied_tx
-                        .send((
-                            path.to_string(),
-                            cm["data"]["root-cert.pem"].as_str().unwrap().to_string(),
-                        ))
-                        .unwrap();
-                    respond.send_response(ok(cm));
-                }
-                other => panic!("unexpected {other:?}"),
-            }
+            // The namespaces come from the source's watch: the only calls
+            // are the ConfigMap applies.
+            assert_eq!(method, "PATCH", "{uri}");
+            assert!(
+                uri.query().unwrap().contains("fieldManager=mesh-pilot"),
+                "{uri}"
+            );
+            let cm: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            applied_tx
+                .send((
+                    uri.path().to_string(),
+                    cm["data"]["root-cert.pem"].as_str().unwrap().to_string(),
+                ))
+                .unwrap();
+            respond.send_response(ok(cm));
         }
     });
+    let view = |lists: u64, names: &[&str]| Namespaces {
+        live: names
+            .iter()
+            .map(|n| {
+                let ns = Namespace {
+                    name: n.to_string(),
+                    labels: BTreeMap::new(),
+                };
+                (n.to_string(), Arc::new(ns))
+            })
+            .collect(),
+        lists,
+    };
+    let (namespaces, rx) = tokio::sync::watch::channel(Namespaces::default());
     let roots = Arc::new(std::sync::Mutex::new(vec![
         "-----BEGIN CERTIFICATE-----\nROOT\n-----END CERTIFICATE-----\n".to_string(),
     ]));
     let current = roots.clone();
     let task = tokio::spawn(distribute_roots(
         kube::Client::new(svc, "default"),
+        rx,
         move || current.lock().unwrap().clone(),
         Duration::from_millis(20),
     ));
-    // Each round: every live namespace gets the roots of the moment.
-    for want in ["ROOT", "NEXT"] {
-        if want == "NEXT" {
-            roots
-                .lock()
-                .unwrap()
-                .push("-----BEGIN CERTIFICATE-----\nNEXT\n-----END CERTIFICATE-----\n".into());
-        }
+    let path = |ns: &str| format!("/api/v1/namespaces/{ns}/configmaps/mesh-ca-root-cert");
+    let mut next = async |n: usize, want: &str| {
         let mut paths = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..n {
             let (path, pem) = tokio::time::timeout(Duration::from_secs(10), applied.recv())
                 .await
                 .unwrap()
@@ -255,15 +245,26 @@ async fn every_live_namespace_gets_the_root_configmap() {
             paths.push(path);
         }
         paths.sort();
-        assert_eq!(
-            paths,
-            [
-                "/api/v1/namespaces/default/configmaps/mesh-ca-root-cert",
-                "/api/v1/namespaces/new/configmaps/mesh-ca-root-cert",
-                "/api/v1/namespaces/shop/configmaps/mesh-ca-root-cert",
-            ]
-        );
-    }
+        paths
+    };
+    // The first list: each live namespace.
+    namespaces.send_replace(view(1, &["default", "shop"]));
+    assert_eq!(next(2, "ROOT").await, [path("default"), path("shop")]);
+    // A new namespace: only it.
+    namespaces.send_replace(view(1, &["default", "new", "shop"]));
+    assert_eq!(next(1, "ROOT").await, [path("new")]);
+    // The roots rotate: every namespace gets the new ones.
+    roots
+        .lock()
+        .unwrap()
+        .push("-----BEGIN CERTIFICATE-----\nNEXT\n-----END CERTIFICATE-----\n".into());
+    assert_eq!(
+        next(3, "NEXT").await,
+        [path("default"), path("new"), path("shop")]
+    );
+    // A relist (`new` went while the watch was away): every live one again.
+    namespaces.send_replace(view(2, &["default", "shop"]));
+    assert_eq!(next(2, "NEXT").await, [path("default"), path("shop")]);
     task.abort();
 }
 

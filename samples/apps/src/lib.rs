@@ -387,21 +387,26 @@ async fn fetch_reviews(ctx: &Ctx, id: u32, h: &HeaderMap) -> Result<(StatusCode,
     last
 }
 
-/// An upstream's answer passed through, or 503 with the error.
+/// An upstream's 200 passed through; otherwise, as bookinfo's productpage,
+/// an error object with the upstream's status (500 when there was none).
 fn passthrough(got: Result<(StatusCode, Bytes), String>, what: &str) -> Response {
-    match got {
-        Ok((status, body)) => (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"error": format!("Sorry, product {what} are currently unavailable for this book."), "detail": e})),
-        )
-            .into_response(),
-    }
+    let status = match got {
+        Ok((StatusCode::OK, body)) => {
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response();
+        }
+        Ok((status, _)) => status,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (
+        status,
+        axum::Json(json!({"error": format!("Sorry, product {what} are currently unavailable for this book.")})),
+    )
+        .into_response()
 }
 
 async fn api_details(State(ctx): State<Ctx>, Path(id): Path<String>, h: HeaderMap) -> Response {

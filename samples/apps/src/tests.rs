@@ -165,7 +165,14 @@ async fn productpage_renders_details_and_reviews_and_passes_the_user_on() {
         "{page}"
     );
     assert!(page.contains("Reviews served by"), "{page}");
-    assert_eq!(call(pp, "/api/v1/products/0", &[]).await.0, 503);
+    // As bookinfo's productpage: 500 and an error object when details
+    // cannot be reached.
+    let (s, body) = call(pp, "/api/v1/products/0", &[]).await;
+    assert_eq!(s, 500);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        serde_json::json!({"error": "Sorry, product details are currently unavailable for this book."})
+    );
 }
 
 #[tokio::test]
