@@ -608,3 +608,99 @@ async fn each_change_reaches_the_proxies_that_use_it_and_names_resolve_late() {
     drop(running);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A Delta xDS stream to pilot's TLS port with `identity` (cert chain, key)
+/// as client certificate, the first request naming `node`: what pilot
+/// answers.
+async fn tls_stream(
+    addr: SocketAddr,
+    roots: &str,
+    identity: Option<(String, String)>,
+    node: Node,
+) -> Result<DeltaDiscoveryResponse, tonic::Status> {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(roots))
+        .domain_name("localhost");
+    if let Some((chain, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(chain, key));
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    let subscribe = format!("{}/{}", node.namespace, node.workload);
+    let mut first = declare(WORKLOAD, &[subscribe.as_str()], None);
+    first.node = Some(node);
+    tx.send(first).await.unwrap();
+    let mut inbound = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let resp = tokio::time::timeout(Duration::from_secs(20), inbound.message())
+        .await
+        .expect("an answer from pilot")?;
+    Ok(resp.expect("the stream open"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_tls_port_a_proxy_is_served_only_the_identity_its_certificate_proves() {
+    let d = dir("identity");
+    let mut running = start(&d).await;
+    let ca = std::sync::Arc::new(
+        mesh_pilot::ca::Ca::load_or_create(
+            &d.join("ca"),
+            "cluster.local",
+            Duration::from_secs(3600),
+        )
+        .unwrap(),
+    );
+    let addr = running
+        .serve_secure(
+            "127.0.0.1:0".parse().unwrap(),
+            ca.clone(),
+            mesh_pilot::ca::BootstrapTokens::default(),
+            &["localhost".to_string()],
+        )
+        .await
+        .unwrap();
+    let roots = ca.roots().join("\n");
+    // A workload certificate for default/default, as the CA issues it.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/default/sa/default"
+            .try_into()
+            .unwrap(),
+    )];
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let chain = ca
+        .sign(&csr, "default", "default", None)
+        .unwrap()
+        .join("\n");
+    let identity = Some((chain, key.serialize_pem()));
+
+    // The identity it proves: served.
+    let resp = tls_stream(addr, &roots, identity.clone(), node("reviews"))
+        .await
+        .unwrap();
+    assert_eq!(type_url(&resp.type_url), WORKLOAD, "{resp:?}");
+    // Another service account than the certificate's: refused.
+    let mut other = node("reviews");
+    other.service_account = "bookinfo-ratings".into();
+    let refused = tls_stream(addr, &roots, identity, other).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("ns/default/sa/default"),
+        "{refused:?}"
+    );
+    // No certificate at all: refused too.
+    let refused = tls_stream(addr, &roots, None, node("reviews"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+}
