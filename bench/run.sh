@@ -40,6 +40,7 @@ die() {
 install_tools() {
   local need=()
   command -v wrk >/dev/null 2>&1 || need+=(wrk)
+  command -v socat >/dev/null 2>&1 || need+=(socat)
   command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
   if ((${#need[@]})); then
     local sudo=()
@@ -53,6 +54,7 @@ install_tools() {
   fi
   command -v wrk >/dev/null 2>&1 || die "wrk is not installed"
   command -v h2load >/dev/null 2>&1 || die "h2load (nghttp2-client) is not installed"
+  command -v socat >/dev/null 2>&1 || die "socat is not installed"
   command -v taskset >/dev/null 2>&1 || die "taskset (util-linux) is not installed"
   [[ $(nproc --all) -ge 2 ]] || die "needs at least 2 CPUs (proxy on CPU $PROXY_CPU, load on CPU $LOAD_CPU)"
 }
@@ -292,6 +294,7 @@ fi
 free_port ORIGIN_1K
 free_port ORIGIN_64K
 free_port ORIGIN_CTL
+free_port RELAY_PORT
 free_port GW_1K
 free_port GW_64K
 free_port ADMIN_PORT
@@ -408,6 +411,26 @@ control_case() {
   PIDS=("${keep[@]}")
 }
 
+# Second control for (e): a plain TCP relay (socat, a process per
+# connection, no parsing) on the proxy's CPU in front of the same origin.
+# It makes the same CPU crossings as the proxy and does nothing else: what
+# it adds over "direct" is the floor for any proxy on this machine.
+relay_case() {
+  log "starting a TCP relay (socat) on 127.0.0.1:$RELAY_PORT, CPU $PROXY_CPU"
+  taskset -c "$PROXY_CPU" socat "TCP-LISTEN:$RELAY_PORT,bind=127.0.0.1,fork,reuseaddr,nodelay" \
+    "TCP:127.0.0.1:$ORIGIN_1K,nodelay" >"$WORK/relay.log" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  wait_port "$RELAY_PORT" "$pid" relay
+  run_case e relay load "http://127.0.0.1:$RELAY_PORT/" "${E_ARGS[@]}"
+  pkill -P "$pid" 2>/dev/null || true
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  local keep=() p
+  for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+
 for mode in direct proxy; do
   if [[ $mode == direct ]]; then u1=$D1 u64=$D64; else u1=$P1 u64=$P64; fi
   run_case a "$mode" wrk "$u1" -t1 -c32 "-d${WRK_SECS}s"
@@ -415,7 +438,7 @@ for mode in direct proxy; do
   run_case c "$mode" wrk "$u1" -t1 -c16 "-d${WRK_SECS}s" -H 'Connection: close'
   run_case d "$mode" h2load "$u1" -t1 -c1 -m16 -D "$H2_SECS"
   run_case e "$mode" load "$u1" "${E_ARGS[@]}"
-  if [[ $mode == direct ]]; then control_case; fi
+  if [[ $mode == direct ]]; then control_case; relay_case; fi
 done
 
 RSS_LOADED=$(rss_max)
@@ -441,6 +464,10 @@ CTL50=$(calc 'printf "%.1f", b - a' "${P50[e,direct]:-}" "${P50[e,control]:-}")
 CTL99=$(calc 'printf "%.1f", b - a' "${P99[e,direct]:-}" "${P99[e,control]:-}")
 OVERCTL50=$(calc 'printf "%.1f", b - a' "${P50[e,control]:-}" "${P50[e,proxy]:-}")
 OVERCTL99=$(calc 'printf "%.1f", b - a' "${P99[e,control]:-}" "${P99[e,proxy]:-}")
+RELAY50=$(calc 'printf "%.1f", b - a' "${P50[e,direct]:-}" "${P50[e,relay]:-}")
+RELAY99=$(calc 'printf "%.1f", b - a' "${P99[e,direct]:-}" "${P99[e,relay]:-}")
+OVERRELAY50=$(calc 'printf "%.1f", b - a' "${P50[e,relay]:-}" "${P50[e,proxy]:-}")
+OVERRELAY99=$(calc 'printf "%.1f", b - a' "${P99[e,relay]:-}" "${P99[e,proxy]:-}")
 
 echo
 printf '%-30s | %10s | %10s | %5s | %11s | %11s | %19s\n' \
@@ -463,7 +490,7 @@ printf '  %-30s %-7s | %8s | %8s | %8s | %6s | %6s | %6s | %4s | %4s | %9s\n' \
   scenario mode rps p50 p99 errors "p.stat" "p.schd" cpu0 cpu1 "proxy RSS"
 for s in "${SCENARIOS[@]}"; do
   modes=(direct proxy)
-  [[ $s == e ]] && modes=(direct control proxy)
+  [[ $s == e ]] && modes=(direct control relay proxy)
   for mode in "${modes[@]}"; do
     k="$s,$mode"
     printf '  %-30s %-7s | %8s | %8s | %8s | %6s | %6s | %6s | %4s | %4s | %9s%s\n' "${TITLE[$s]}" "$mode" \
@@ -474,6 +501,8 @@ for s in "${SCENARIOS[@]}"; do
 done
 echo "  (e) control = direct with the origin on CPU $PROXY_CPU: the cross-CPU hop alone adds p50 $(fmt_ms "$CTL50"), p99 $(fmt_ms "$CTL99");"
 echo "      through the proxy vs the control: p50 $(fmt_ms "$OVERCTL50"), p99 $(fmt_ms "$OVERCTL99")"
+echo "  (e) relay = a plain TCP relay (socat) on CPU $PROXY_CPU: any proxy's floor here adds p50 $(fmt_ms "$RELAY50"), p99 $(fmt_ms "$RELAY99");"
+echo "      through the proxy vs the relay: p50 $(fmt_ms "$OVERRELAY50"), p99 $(fmt_ms "$OVERRELAY99")"
 
 # Targets from the issue.
 verdict() { if [[ -z $1 ]]; then echo "MISS (not measured)"; elif awk -v v="$1" -v l="$2" "BEGIN { exit !(v $3 l) }"; then echo PASS; else echo MISS; fi; }
@@ -516,7 +545,10 @@ mode_json() {
     first=0
     printf '    {"id": "%s", "title": "%s",\n' "$s" "${TITLE[$s]}"
     printf '     "direct": %s,\n' "$(mode_json "$s,direct")"
-    if [[ $s == e ]]; then printf '     "control_origin_on_proxy_cpu": %s,\n' "$(mode_json "$s,control")"; fi
+    if [[ $s == e ]]; then
+      printf '     "control_origin_on_proxy_cpu": %s,\n' "$(mode_json "$s,control")"
+      printf '     "relay_socat_on_proxy_cpu": %s,\n' "$(mode_json "$s,relay")"
+    fi
     printf '     "proxy": %s,\n' "$(mode_json "$s,proxy")"
     printf '     "ratio": %s, "added_p50_us": %s, "added_p99_us": %s}' \
       "$(num_or_null "${RATIO[$s]:-}")" "$(num_or_null "${ADD50[$s]:-}")" "$(num_or_null "${ADD99[$s]:-}")"
