@@ -236,16 +236,7 @@ async fn a_route_change_flips_traffic_under_load_without_errors() {
 
     // pilot's status shows the proxy in sync.
     let status = pilot.http_addr;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            http_get(status, "/debug/syncz")
-                .await
-                .is_some_and(|b| b.contains("\"state\":\"SYNCED\"") && b.contains("callme:8080"))
-        })
-        .await,
-        "{:?}",
-        http_get(status, "/debug/syncz").await
-    );
+    synced_on_callme(status).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -569,16 +560,7 @@ async fn a_reconnecting_proxy_is_sent_what_changed_and_not_the_clusters_it_holds
         "callme-v1"
     );
     let status = pilot.http_addr;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            http_get(status, "/debug/syncz")
-                .await
-                .is_some_and(|b| b.contains("\"state\":\"SYNCED\"") && b.contains("callme:8080"))
-        })
-        .await,
-        "{:?}",
-        http_get(status, "/debug/syncz").await
-    );
+    synced_on_callme(status).await;
     let clusters = pushes(&pilot, "Cluster");
     let destinations = pushes(&pilot, "Destination");
     assert!(clusters >= 1.0, "the clusters of callme were sent once");
@@ -629,6 +611,20 @@ async fn a_reconnecting_proxy_is_sent_what_changed_and_not_the_clusters_it_holds
             http_get(status, "/debug/syncz")
                 .await
                 .is_some_and(|b| b.contains("\"state\":\"SYNCED\"") && !b.contains("\"nack\""))
+        })
+        .await,
+        "{:?}",
+        http_get(status, "/debug/syncz").await
+    );
+}
+
+/// Pilot's status shows a proxy SYNCED with callme:8080 among its resources.
+async fn synced_on_callme(status: std::net::SocketAddr) {
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            http_get(status, "/debug/syncz")
+                .await
+                .is_some_and(|b| b.contains("\"state\":\"SYNCED\"") && b.contains("callme:8080"))
         })
         .await,
         "{:?}",
