@@ -12,6 +12,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   command -v ip >/dev/null || missing+=(iproute2)
   command -v iptables-restore >/dev/null || missing+=(iptables)
   command -v setpriv >/dev/null || missing+=(util-linux)
+  command -v curl >/dev/null || missing+=(curl)
+  command -v openssl >/dev/null || missing+=(openssl)
   python3 -m venv --help >/dev/null 2>&1 || missing+=(python3 python3-venv)
   command -v chromium >/dev/null || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ]; then
@@ -30,6 +32,13 @@ step "cargo build (the binaries the end-to-end tests start)"
 # `cargo test` builds a package's binaries only for that package's own
 # integration tests; the e2e crate starts those of the other packages.
 cargo build --workspace --bins --locked
+
+if [ "$(id -u)" = 0 ]; then
+  step "the test cluster's control plane (etcd, kube-apiserver, controller-manager, scheduler, kubectl from the Kubernetes Go modules)"
+  # A no-op when go.mod, go.sum and the script are unchanged since the last
+  # build; the caches are under target/go.
+  bash e2e/cluster/build.sh
+fi
 
 step "cargo test"
 # As root (CI) the end-to-end suite must run its pods in network namespaces

@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_proxy::{Addrs, ConnSettings, Proxy, Running};
 use tokio::net::TcpListener;
 
+pub mod cluster;
 pub mod mesh;
 pub mod netns;
 pub mod pair;
