@@ -460,6 +460,82 @@ spec:
         c.kubectl(&["get", "pods", "-o", "wide", "-n", "default"])
     );
 
+    // Init containers in order, a native sidecar gating the app on its
+    // startup probe, users, volumes and the working directory.
+    c.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: sidecars, namespace: default}
+spec:
+  securityContext: {runAsUser: 1337, runAsGroup: 1337}
+  initContainers:
+  - name: first
+    image: mesh/proxy:0.1.0
+    command: [sh, -c, "id -u > /tmp/mesh-e2e-work/first"]
+    securityContext: {runAsUser: 0}
+    volumeMounts: [{name: work, mountPath: /tmp/mesh-e2e-work}]
+  - name: helper
+    image: mesh/examples-callme:latest
+    restartPolicy: Always
+    args: [--listen, "0.0.0.0:8092"]
+    startupProbe: {httpGet: {path: /callme/ping, port: 8092}, periodSeconds: 1}
+  containers:
+  - name: app
+    image: mesh/examples-callme:latest
+    workingDir: /tmp/mesh-e2e-work
+    volumeMounts: [{name: work, mountPath: /tmp/mesh-e2e-work, readOnly: true}]
+  volumes: [{name: work, emptyDir: {}}]
+"#,
+    );
+    c.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/sidecars",
+        "-n",
+        "default",
+        "--timeout=60s",
+    ]);
+    let p = c.json(&["get", "pod", "sidecars", "-n", "default"]);
+    let inits = &p["status"]["initContainerStatuses"];
+    assert_eq!(inits[0]["state"]["terminated"]["exitCode"], 0, "{inits}");
+    assert_eq!(
+        inits[0]["state"]["terminated"]["reason"], "Completed",
+        "{inits}"
+    );
+    assert!(
+        inits[1]["state"]["running"].is_object() && inits[1]["started"] == true,
+        "{inits}"
+    );
+    let app_started = p["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        inits[1]["state"]["running"]["startedAt"]
+            .as_str()
+            .unwrap_or_default()
+            <= app_started.as_str()
+    );
+    let uid = p["metadata"]["uid"].as_str().expect("uid");
+    let first = std::fs::read_to_string(c.state.join(format!(
+        "node/pods/default_sidecars_{uid}/volumes/work/first"
+    )))
+    .expect("the init container's file");
+    assert_eq!(first.trim(), "0", "the init container runs as root");
+    let pid = p["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .and_then(|id| id.strip_prefix("mesh-node://"))
+        .expect("containerID")
+        .to_string();
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    assert!(
+        proc_status.lines().any(|l| l.starts_with("Uid:\t1337\t")),
+        "{proc_status}"
+    );
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd");
+    assert_eq!(cwd, std::path::Path::new("/tmp/mesh-e2e-work"));
+
     // A namespace deleted takes its pods and processes with it.
     c.apply(
         r#"
