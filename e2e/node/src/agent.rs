@@ -263,16 +263,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         zone_tx,
     ));
     // Services are known before the first pod starts (its service links).
-    for _ in 0..100 {
-        if agent
-            .services
-            .state()
-            .iter()
-            .any(|s| s.metadata.name.as_deref() == Some("kubernetes"))
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if tokio::time::timeout(Duration::from_secs(10), agent.services.wait_until_ready())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Services not listed after 10 s; pods start without their service links");
     }
     for (name, ip, cidr) in cfg.nodes {
         let n = Arc::new(NodeCtx {

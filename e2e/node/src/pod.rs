@@ -75,6 +75,8 @@ pub struct PodCtx {
     pub dir: PathBuf,
     pub state: Mutex<PodState>,
     pub changed: Notify,
+    /// Woken on every change, for the tasks that wait on the record.
+    pub progress: Notify,
     pub grace: Mutex<Duration>,
 }
 
@@ -84,6 +86,7 @@ impl PodCtx {
             f(&mut s);
         }
         self.changed.notify_one();
+        self.progress.notify_waiters();
     }
 
     fn ctr(&self, kind: Kind, i: usize, f: impl FnOnce(&mut Ctr)) {
@@ -327,6 +330,7 @@ pub async fn run(agent: Arc<Agent>, node: Arc<NodeCtx>, mut rx: watch::Receiver<
             mains,
         }),
         changed: Notify::new(),
+        progress: Notify::new(),
         grace: Mutex::new(grace_of(Some(&pod))),
         pod,
     });
@@ -646,10 +650,11 @@ async fn life(ctx: Arc<PodCtx>, ip: Option<Ipv4Addr>) {
         if sidecar {
             // The next container starts once this one has started.
             loop {
+                let next = ctx.progress.notified();
                 if ctx.snapshot().is_some_and(|s| s.inits[i].started) {
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                next.await;
             }
             tasks.push(AbortOnDrop(t));
         } else {
@@ -684,10 +689,12 @@ async fn life(ctx: Arc<PodCtx>, ip: Option<Ipv4Addr>) {
     // Only a pod whose policy lets its containers end gets here.
     let ok = codes.iter().all(|c| matches!(c, Ok(Some(0))));
     let _ = stop_tx.send(true);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The sidecars stop now; their tasks record the exits.
+    for t in &mut tasks {
+        let _ = (&mut t.0).await;
+    }
     let phase = if ok { "Succeeded" } else { "Failed" };
     ctx.update(|s| s.terminal = Some((phase.into(), None, None)));
-    drop(tasks);
     std::future::pending().await
 }
 
